@@ -1,0 +1,640 @@
+"""
+sleep-lm: a hybrid attention + Gated DeltaNet language model that sleeps.
+
+Reference implementation of "Do Language Models Need Sleep? Offline Recurrence for Improved Online
+Inference" (Lee, McLeish, Goldstein, Fanti; arXiv 2605.26099). Not arXiv 2606.03979, not "sleep-time
+compute".
+
+The idea. Attention remembers by keeping a KV cache; a Gated DeltaNet (GDN) layer keeps a fixed-size
+matrix state S per head (the "fast weights") and writes every token into it. Once a window of L
+tokens is full, the model *sleeps*: with no new input it runs N passes of its block stack over that
+window, each pass starting from the previous pass's features and the S the previous pass left, so the
+window is written into S deeper each time. Then the KV cache and the features are dropped and only S
+is kept. Prediction ("wake") is one ordinary forward pass, so wake-time cost does not change.
+
+Read in this order:
+  1. gated_delta_rule       the local rule: per-token reference and the exact chunkwise-parallel form
+  2. Attention, GatedDeltaNet, MLP, Block
+  3. SleepLM.forward        Algorithm 1 of the paper (chunks, consolidation passes, eviction)
+  4. SleepCache             the streaming state (KV, conv windows, S) with wake / sleep / evict
+
+Shape letters:
+  B batch, T time (tokens), C channels (n_embd), V vocabulary, H heads,
+  Dk / Dv key / value head dims, L window (tokens per chunk), N sleep passes (N = 1: no sleep).
+
+Eviction modes (what survives a window boundary):
+  "hard"    only S (and nothing else) crosses into the next window: the paper's Algorithm 1.
+  "sliding" S, plus the newest L - 1 tokens of attention context (and the conv windows).
+  "none"    nothing is evicted and nothing sleeps: one ordinary pass with full attention over the
+            whole sequence (the no-eviction upper bound; window and sleep_passes are ignored).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+EVICTIONS = ("hard", "sliding", "none")
+LAYER_KINDS = {"A": "causal attention", "G": "Gated DeltaNet"}
+
+# -----------------------------------------------------------------------------
+# The local rule: the gated delta recurrence that writes tokens into the fast weights S.
+
+
+def _check_rule_inputs(q, k, v, log_decay, beta, state, chunk_size):
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, T, H, Dk), got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, T, H, Dk = q.shape
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be (B, T, H, Dv) = ({B}, {T}, {H}, Dv), got {tuple(v.shape)}")
+    for name, x in (("log_decay", log_decay), ("beta", beta)):
+        if x.shape != (B, T, H):
+            raise ValueError(f"{name} must be (B, T, H) = ({B}, {T}, {H}), got {tuple(x.shape)}")
+    if state is not None and state.shape != (B, H, Dk, v.shape[-1]):
+        raise ValueError(f"state must be (B, H, Dk, Dv) = ({B}, {H}, {Dk}, {v.shape[-1]}), got {tuple(state.shape)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None (per-token recurrence) or an int >= 1, got {chunk_size!r}")
+
+
+def state_dtype(x):
+    """Recurrent state math runs in float32 (float64 when the model is float64, for exact tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, chunk_size=None):
+    """The gated delta rule, state in, state out.
+
+    q, k: (B, T, H, Dk)   v: (B, T, H, Dv)   log_decay, beta: (B, T, H)
+    state: (B, H, Dk, Dv) or None (zeros)
+    returns o: (B, T, H, Dv) in the dtype of q, final_state: (B, H, Dk, Dv) in float32 (float64 if q is)
+
+    Per token t (K x V layout, as in flash-linear-attention):
+        S <- exp(log_decay_t) S                      decay, log_decay <= 0
+        S <- S + k_t (beta_t (v_t - S^T k_t))^T      delta-rule write: move S^T k_t towards v_t
+        o_t = S^T q_t                                read
+    No normalisation or scaling happens here; the layer L2-normalises q, k and scales q.
+    chunk_size=None runs the per-token loop (the readable reference); chunk_size=C runs the exact
+    chunkwise-parallel form over chunks of C tokens (any T). Both compute in float32, or float64.
+    """
+    _check_rule_inputs(q, k, v, log_decay, beta, state, chunk_size)
+    out_dtype = q.dtype
+    dtype = state_dtype(q)
+    q, k, v, log_decay, beta = (x.to(dtype) for x in (q, k, v, log_decay, beta))
+    B, T, H, Dk = q.shape
+    if state is None:
+        state = q.new_zeros(B, H, Dk, v.shape[-1])
+    state = state.to(dtype)
+    rule = _delta_rule_recurrent if chunk_size is None else _delta_rule_chunked
+    o, state = rule(q, k, v, log_decay, beta, state, chunk_size)
+    return o.to(out_dtype), state
+
+
+def _delta_rule_recurrent(q, k, v, log_decay, beta, S, chunk_size=None):
+    """The reference: one token at a time, exactly the equations in the docstring above."""
+    outputs = []
+    for t in range(q.shape[1]):
+        S = S * log_decay[:, t].exp()[..., None, None]                   # (B, H, Dk, Dv)
+        k_t = k[:, t]                                                     # (B, H, Dk)
+        error = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k_t))
+        S = S + k_t[..., :, None] * error[..., None, :]
+        outputs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    return torch.stack(outputs, dim=1), S
+
+
+def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
+    """The chunkwise-parallel form (WY / UT transform; Yang et al., arXiv 2412.06464, sec. 3).
+
+    Inside a chunk with cumulative log decay c_i = sum_{j<=i} log_decay_j, unrolling the recurrence
+    from the chunk's initial state S0 gives S_i = e^{c_i} S0 + sum_{j<=i} e^{c_i - c_j} k_j u_j^T,
+    where the "new values" u_j = beta_j (v_j - S_{j-1}'^T k_j) solve the unit lower-triangular system
+        (I + diag(beta) A) u = diag(beta) V - diag(beta e^c) K S0,   A_ij = e^{c_i - c_j} k_i.k_j (j < i).
+    So u = U - W S0 with [U, W] = (I + diag(beta) A)^{-1} [diag(beta) V, diag(beta e^c) K], one batched
+    triangular solve for all chunks at once. Only the cheap state hand-off runs chunk after chunk.
+    """
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    C = min(chunk_size, T)
+    pad = -T % C
+    if pad:  # padded tokens have k = v = q = 0, beta = 0, log_decay = 0: they leave S unchanged
+        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+        log_decay, beta = (F.pad(x, (0, 0, 0, pad)) for x in (log_decay, beta))
+    n = (T + pad) // C
+    q, k, v = (x.reshape(B, n, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v))   # (B, H, n, C, D)
+    log_decay, beta = (x.reshape(B, n, C, H).permute(0, 3, 1, 2) for x in (log_decay, beta))  # (B, H, n, C)
+
+    c = log_decay.cumsum(-1)                                              # (B, H, n, C)
+    gap = c[..., :, None] - c[..., None, :]                               # c_i - c_j, (B, H, n, C, C)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    # Mask before exp: above the diagonal c_i - c_j > 0 could overflow.
+    decay = gap.masked_fill(~causal, float("-inf")).exp()                 # e^{c_i - c_j} for j <= i
+    A = (k @ k.transpose(-1, -2)) * decay * beta[..., None]               # diag(beta) A, diagonal ignored
+    rhs = torch.cat([beta[..., None] * v, (beta * c.exp())[..., None] * k], dim=-1)
+    UW = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    U, W = UW.split([Dv, Dk], dim=-1)                                     # (B, H, n, C, Dv), (.., Dk)
+    scores = (q @ k.transpose(-1, -2)) * decay                            # (B, H, n, C, C), j <= i
+    q_decayed = q * c.exp()[..., None]                                    # reads S0 through e^{c_i}
+    k_decayed = k * (c[..., -1:] - c).exp()[..., None]                    # writes decay to chunk end
+    chunk_decay = c[..., -1].exp()[..., None, None]                       # (B, H, n, 1, 1)
+
+    outputs = []
+    for i in range(n):
+        u = U[:, :, i] - W[:, :, i] @ S                                   # (B, H, C, Dv)
+        outputs.append(q_decayed[:, :, i] @ S + scores[:, :, i] @ u)
+        S = chunk_decay[:, :, i] * S + k_decayed[:, :, i].transpose(-1, -2) @ u
+    o = torch.stack(outputs, dim=2)                                       # (B, H, n, C, Dv)
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, Dv)[:, :T]          # (B, T, H, Dv)
+    return o, S
+
+
+# -----------------------------------------------------------------------------
+# Layers. Every mixer maps (x, pos, context, S) -> (y, S, extended context):
+#   context  what this layer may see from before x: attention keys/values, or the conv window
+#   S        the fast weights (GDN only; None for attention)
+#   extended the context after reading x (what a decoder keeps, before eviction trims it)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotate(x, pos, inv_freq):
+    """Rotary position embedding at absolute positions pos. x: (B, T, H, D), pos: (T,)."""
+    angles = pos[:, None].to(inv_freq.dtype) * inv_freq[None, :]          # (T, D/2)
+    cos, sin = angles.cos()[:, None, :].to(x.dtype), angles.sin()[:, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal softmax attention that sees at most the last `span` positions (itself included).
+
+    The context is a tuple (keys, values, positions) of the tokens before x, keys already rotated:
+    keys, values (B, H, Tc, D), positions (Tc,). Under hard eviction the context is empty at the start
+    of every window; under sliding eviction it holds the newest L - 1 tokens of the previous window.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        inv_freq = config.rope_base ** (-torch.arange(0, self.head_dim, 2).float() / self.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def empty_context(self, batch_size, device, dtype):
+        kv = torch.zeros(batch_size, self.n_head, 0, self.head_dim, device=device, dtype=dtype)
+        return kv, kv, torch.zeros(0, dtype=torch.long, device=device)
+
+    def forward(self, x, pos, context, S, span):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)   # (B, T, H, D)
+        q, k = rotate(q, pos, self.inv_freq), rotate(k, pos, self.inv_freq)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                              # (B, H, T, D)
+        k_ctx, v_ctx, pos_ctx = context
+        k, v, k_pos = torch.cat([k_ctx, k.to(k_ctx.dtype)], 2), torch.cat([v_ctx, v.to(v_ctx.dtype)], 2), torch.cat([pos_ctx, pos])
+        if pos_ctx.numel() == 0 and T <= span:  # nothing before x: the mask is plain causal
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True)
+        else:
+            visible = (k_pos[None, :] <= pos[:, None]) & (k_pos[None, :] > pos[:, None] - span)  # (T, Tk)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y), None, (k, v, k_pos)
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet mixer (Yang et al., arXiv 2412.06464). Its state S is the fast weights.
+
+    q, k, v pass a short causal depthwise conv + SiLU; q and k are L2-normalised per head (q also
+    scaled by 1/sqrt(Dk)); beta = sigmoid(W_b x); log_decay = -exp(A_log) * softplus(W_a x + dt_bias).
+    The output goes through a gated RMSNorm, norm(o) * silu(W_g x), and a projection.
+    The context is the conv window: the last conv_size - 1 pre-conv q, k, v rows, (B, conv_size - 1, 3 * H * D),
+    or None for zeros.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.conv_size = config.conv_size
+        self.chunk_size = config.gdn_chunk_size
+        inner = config.n_head * self.head_dim
+        self.qkv = nn.Linear(config.n_embd, 3 * inner, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(3 * inner, 1, config.conv_size))  # depthwise
+        self.a_proj = nn.Linear(config.n_embd, config.n_head, bias=False)     # decay gate
+        self.b_proj = nn.Linear(config.n_embd, config.n_head, bias=False)     # write strength beta
+        self.A_log = nn.Parameter(torch.empty(config.n_head))
+        self.dt_bias = nn.Parameter(torch.empty(config.n_head))
+        self.g_proj = nn.Linear(config.n_embd, inner, bias=False)            # output gate
+        self.o_norm = RMSNorm(self.head_dim)
+        self.proj = nn.Linear(inner, config.n_embd, bias=False)
+
+    def empty_context(self, batch_size, device, dtype):
+        return None
+
+    def forward(self, x, pos, context, S, span):
+        B, T, _ = x.shape
+        H, D = self.n_head, self.head_dim
+        qkv = self.qkv(x)                                                     # (B, T, 3 * H * D)
+        window = qkv.new_zeros(B, self.conv_size - 1, qkv.shape[-1]) if context is None else context.to(qkv.dtype)
+        padded = torch.cat([window, qkv], dim=1)                              # (B, K - 1 + T, 3HD)
+        qkv = F.conv1d(padded.transpose(1, 2), self.conv_weight.to(qkv.dtype), groups=qkv.shape[-1])
+        q, k, v = F.silu(qkv.transpose(1, 2)).view(B, T, 3, H, D).unbind(2)   # (B, T, H, D)
+        f32 = state_dtype(x)                                                  # the state math in float32
+        q = F.normalize(q.to(f32), dim=-1, eps=1e-6) / math.sqrt(D)
+        k = F.normalize(k.to(f32), dim=-1, eps=1e-6)
+        beta = torch.sigmoid(self.b_proj(x).to(f32))                          # (B, T, H), in (0, 1)
+        log_decay = -self.A_log.to(f32).exp() * F.softplus(self.a_proj(x).to(f32) + self.dt_bias)
+        # One token (decoding): the recurrence is the fast path; a window: the chunkwise form.
+        chunk_size = None if T == 1 else self.chunk_size
+        o, S = gated_delta_rule(q, k, v.to(f32), log_decay, beta, state=S, chunk_size=chunk_size)
+        o = self.o_norm(o) * F.silu(self.g_proj(x).to(f32).view(B, T, H, D))
+        y = self.proj(o.reshape(B, T, H * D).to(x.dtype))
+        return y, S, padded[:, padded.shape[1] - (self.conv_size - 1):]
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.mlp_ratio * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.mlp_ratio * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm mixer + residual, pre-norm MLP + residual."""
+
+    def __init__(self, config, kind):
+        super().__init__()
+        self.kind = kind
+        self.norm1 = RMSNorm(config.n_embd)
+        self.mixer = Attention(config) if kind == "A" else GatedDeltaNet(config)
+        self.norm2 = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, pos, context, S, span):
+        y, S, extended = self.mixer(self.norm1(x), pos, context, S, span)
+        x = x + y
+        x = x + self.mlp(self.norm2(x))
+        return x, S, extended
+
+
+# -----------------------------------------------------------------------------
+# The model.
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_int(name, value, minimum, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an int >= {minimum}{none}, got {value!r}")
+
+
+@dataclass
+class SleepLMConfig:
+    vocab_size: int = 64
+    n_embd: int = 128
+    n_head: int = 4
+    layers: str = "AGAG"          # one letter per block: A attention, G Gated DeltaNet
+    window: int = 24              # L: tokens per window; a full window is slept on, then evicted
+    sleep_passes: int = 1         # N: passes over a consolidation window (N = 1: the plain hybrid)
+    eviction: str = "hard"        # "hard", "sliding" or "none" (see the module docstring)
+    mlp_ratio: int = 4
+    conv_size: int = 4            # GDN short conv kernel
+    gdn_chunk_size: int = 64      # chunk of the chunkwise-parallel local rule
+    rope_base: float = 10000.0
+    bptt_passes: int | None = None     # only the last K passes of a consolidation window carry gradient
+    checkpoint_windows: bool = False   # recompute each window's passes in backward (activation checkpointing)
+
+    def __post_init__(self):
+        _check_int("vocab_size", self.vocab_size, 1)
+        _check_int("n_embd", self.n_embd, 1)
+        _check_int("n_head", self.n_head, 1)
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd must be divisible by n_head with an even head size, got "
+                             f"n_embd={self.n_embd}, n_head={self.n_head}")
+        if not isinstance(self.layers, str) or not self.layers or set(self.layers) - set(LAYER_KINDS):
+            raise ValueError(f"layers must be a non-empty string of letters {LAYER_KINDS}, got {self.layers!r}")
+        _check_int("window", self.window, 1)
+        _check_int("sleep_passes", self.sleep_passes, 1)
+        _check_choice("eviction", self.eviction, EVICTIONS)
+        _check_int("mlp_ratio", self.mlp_ratio, 1)
+        _check_int("conv_size", self.conv_size, 2)
+        _check_int("gdn_chunk_size", self.gdn_chunk_size, 1)
+        _check_int("bptt_passes", self.bptt_passes, 1, allow_none=True)
+
+
+class SleepLM(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, kind) for kind in config.layers)
+        self.norm_f = RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialise every parameter (C = n_embd, K = conv_size, fan_in of the matrix):
+
+        | parameter                           | init                                         |
+        |-------------------------------------|----------------------------------------------|
+        | wte                                 | normal, std 1                                |
+        | qkv, mlp.fc, g_proj, a_proj, b_proj | uniform, std 1 / sqrt(fan_in)                |
+        | every output projection (proj)      | zeros: each block starts as the identity     |
+        | lm_head                             | normal, std 0.001                            |
+        | conv_weight                         | uniform, std 1 / sqrt(K)                     |
+        | A_log                               | log U(1, 16): decay rates, as in GDN / Mamba2 |
+        | dt_bias                             | softplus^-1 of dt, log-uniform in [1e-3, 0.1] |
+        | RMSNorm weights                     | ones                                         |
+        """
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for name, p in self.blocks.named_parameters():
+            if name.endswith("proj.weight") and not name.endswith(("g_proj.weight", "a_proj.weight", "b_proj.weight")):
+                nn.init.zeros_(p)
+            elif name.endswith("conv_weight"):
+                bound = math.sqrt(3 / p.shape[-1])
+                nn.init.uniform_(p, -bound, bound)
+            elif name.endswith("A_log"):
+                p.copy_(torch.empty_like(p).uniform_(1, 16).log())
+            elif name.endswith("dt_bias"):
+                dt = torch.empty_like(p).uniform_(math.log(1e-3), math.log(0.1)).exp()
+                p.copy_(dt + torch.log(-torch.expm1(-dt)))
+            elif name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("o_norm.weight"):
+                nn.init.ones_(p)
+            else:
+                bound = math.sqrt(3 / p.shape[-1])
+                nn.init.uniform_(p, -bound, bound)
+
+    # -- the sleep loop ---------------------------------------------------------------------
+
+    def resolve(self, sleep_passes=None, window=None, eviction=None):
+        """Per-call overrides of N, L and eviction, checked like the config."""
+        N = self.config.sleep_passes if sleep_passes is None else sleep_passes
+        L = self.config.window if window is None else window
+        eviction = self.config.eviction if eviction is None else eviction
+        _check_int("sleep_passes", N, 1)
+        _check_int("window", L, 1)
+        _check_choice("eviction", eviction, EVICTIONS)
+        return N, L, eviction
+
+    def empty_state(self, batch_size, device=None, dtype=None):
+        """(context, S) at the start of a sequence: empty contexts, S = 0 in every GDN block."""
+        device = device or self.wte.weight.device
+        dtype = dtype or self.wte.weight.dtype
+        context = [b.mixer.empty_context(batch_size, device, dtype) for b in self.blocks]
+        S = [None if b.kind == "A" else torch.zeros(batch_size, b.mixer.n_head, b.mixer.head_dim, b.mixer.head_dim,
+                                                    device=device, dtype=state_dtype(self.wte.weight))
+             for b in self.blocks]
+        return context, S
+
+    def block_pass(self, h, pos, context, S, span):
+        """One pass of the block stack over features h (B, T, C) at positions pos (T,).
+
+        context: per-block context from before the window; S: per-block fast weights.
+        Returns the new features, the new S and every block's extended context.
+        """
+        S_out, extended = [], []
+        for block, ctx, s in zip(self.blocks, context, S):
+            h, s, ext = block(h, pos, ctx, s, span)
+            S_out.append(s)
+            extended.append(ext)
+        return h, S_out, extended
+
+    def evict(self, extended, window, eviction):
+        """What survives a window boundary: under hard eviction nothing but S (handled by the caller);
+        under sliding eviction the newest window - 1 attention entries and the conv windows."""
+        kept = []
+        for block, ext in zip(self.blocks, extended):
+            if eviction == "none":
+                kept.append(ext)
+            elif block.kind == "G":
+                kept.append(ext if eviction == "sliding" else None)
+            else:
+                keep = window - 1 if eviction == "sliding" else 0
+                k, v, pos = ext
+                start = max(k.shape[2] - keep, 0)
+                kept.append((k[:, :, start:], v[:, :, start:], pos[start:]))
+        return kept
+
+    def head(self, h):
+        return self.lm_head(self.norm_f(h)).to(state_dtype(h))
+
+    def process_window(self, idx, pos, context, S, passes, span, bptt_passes=None):
+        """Algorithm 1 for one window: embed once, then `passes` passes of the block stack.
+
+        Each pass takes the previous pass's features and the S the previous pass left; attention
+        and the conv see the window (and, under sliding eviction, the kept context) only.
+        With bptt_passes = K only the last K passes are recorded for backprop.
+        Returns the wake logits (from pass 1, what a decoder sees), the final S and the extended
+        context of the last pass.
+        """
+        h = self.wte(idx)
+        wake_logits = None
+        for n in range(passes):
+            grad = torch.is_grad_enabled() and (bptt_passes is None or n >= passes - bptt_passes)
+            with torch.set_grad_enabled(grad):
+                h, S, extended = self.block_pass(h, pos, context, S, span)
+            if n == 0:
+                # Logits of a consolidation window are never trained on: keep them out of the graph.
+                with torch.set_grad_enabled(torch.is_grad_enabled() and passes == 1):
+                    wake_logits = self.head(h)
+        return wake_logits, S, extended
+
+    def forward(self, idx, targets=None, *, sleep_passes=None, window=None, eviction=None):
+        """Algorithm 1 of the paper (hard eviction), with sliding and no eviction as variants.
+
+        idx: (B, T) token ids; targets: (B, T) with -1 wherever there is nothing to predict.
+        The sequence is cut into windows of L tokens. A window whose targets are all -1 is a
+        consolidation window: N passes, then eviction. A window with any target >= 0 is a
+        prediction window: one pass, whose logits feed the cross-entropy. Without targets, every
+        window but the last is consolidated. S starts at zero and is the only thing that crosses
+        a boundary under hard eviction; gradients reach through every pass and window.
+        Returns logits (B, T, V), from the wake pass (pass 1) of every window, and the loss.
+        """
+        N, L, eviction = self.resolve(sleep_passes, window, eviction)
+        self._check_tokens("idx", idx)
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            self._check_tokens("targets", targets, allow_ignore=True)
+        B, T = idx.shape
+        if eviction == "none":
+            L, N = T, 1
+        span = L if eviction != "none" else float("inf")
+        context, S = self.empty_state(B, idx.device)
+        all_logits, predicted_logits, predicted_targets = [], [], []
+        for start in range(0, T, L):
+            stop = min(start + L, T)
+            if targets is None:
+                consolidate = stop < T
+            else:
+                consolidate = bool((targets[:, start:stop] < 0).all())
+            passes = N if consolidate else 1
+            pos = torch.arange(start, stop, device=idx.device)
+            args = (idx[:, start:stop], pos, context, S, passes, span, self.config.bptt_passes)
+            if self.config.checkpoint_windows and torch.is_grad_enabled():
+                logits, S, extended = checkpoint(self.process_window, *args, use_reentrant=False)
+            else:
+                logits, S, extended = self.process_window(*args)
+            context = self.evict(extended, L, eviction)   # features and KV of this window are gone
+            all_logits.append(logits)
+            if targets is not None and not consolidate:
+                predicted_logits.append(logits)
+                predicted_targets.append(targets[:, start:stop])
+        logits = torch.cat(all_logits, dim=1)
+        loss = None
+        if targets is not None:
+            if not predicted_logits:
+                raise ValueError("targets has no answer token (every entry is -1): nothing to predict")
+            pl = torch.cat(predicted_logits, dim=1)
+            loss = F.cross_entropy(pl.reshape(-1, pl.shape[-1]), torch.cat(predicted_targets, dim=1).reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def _check_tokens(self, name, x, allow_ignore=False):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype != torch.long:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a (B, T) LongTensor, got {shape} "
+                             f"{x.dtype if isinstance(x, torch.Tensor) else ''}".rstrip())
+        if x.shape[1] == 0:
+            raise ValueError(f"{name} must have at least one token")
+        low = -1 if allow_ignore else 0
+        if x.numel() and (x.min() < low or x.max() >= self.config.vocab_size):
+            allowed = f"-1 (ignore) or 0..{self.config.vocab_size - 1}" if allow_ignore else f"0..{self.config.vocab_size - 1}"
+            raise ValueError(f"{name} holds ids outside the vocabulary: allowed {allowed}, "
+                             f"got min {int(x.min())}, max {int(x.max())}")
+
+    # -- optimisation and inference ----------------------------------------------------------
+
+    def configure_optimizers(self, learning_rate, adamw_lr, weight_decay=0.0, betas=(0.9, 0.95), optimizer="muon"):
+        """Muon for the 2-D hidden matrices (the paper's optimiser); AdamW for the embedding, the
+        head, norm gains, the GDN gates (a_proj, b_proj, A_log, dt_bias) and conv weights.
+        Weight decay applies to matrices only. optimizer="adamw": AdamW at learning_rate for the
+        matrices too. Returns a list of optimizers (stepped together)."""
+        _check_choice("optimizer", optimizer, ("muon", "adamw"))
+        matrices, others = [], []
+        for name, p in self.named_parameters():
+            is_gate = name.endswith(("a_proj.weight", "b_proj.weight"))
+            if name.startswith("blocks.") and p.dim() == 2 and not is_gate:
+                matrices.append(p)
+            else:
+                others.append(p)
+        adamw_groups = [{"params": others, "lr": adamw_lr, "weight_decay": 0.0}]
+        if optimizer == "adamw":
+            adamw_groups.append({"params": matrices, "lr": learning_rate, "weight_decay": weight_decay})
+            return [torch.optim.AdamW(adamw_groups, betas=betas)]
+        muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        return [muon, torch.optim.AdamW(adamw_groups, betas=betas)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, sleep_passes=None, window=None,
+                 eviction=None):
+        """Continue idx (B, T) by max_new_tokens tokens, sleeping whenever a window fills.
+
+        The prompt is read window by window (full windows are slept on); then each new token costs
+        one wake pass over one token, whatever the distance already generated.
+        """
+        cache = SleepCache(self, idx.shape[0], sleep_passes=sleep_passes, window=window, eviction=eviction)
+        logits = cache.feed(idx)[:, -1]
+        for _ in range(max_new_tokens):
+            logits = logits / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, next_id], dim=1)
+            logits = cache.feed(next_id)[:, -1]
+        return idx
+
+
+class SleepCache:
+    """Everything a streaming SleepLM remembers, and the three things that happen to it.
+
+    S               per GDN block, the fast weights: zero at reset, the only memory under hard eviction
+    context         per block, what the next token may see: attention KV, conv windows
+    window_context  the context as it was when the current window began (the sleep passes start from it)
+    features        the wake pass's output features of the current window's tokens (B, <= L, C)
+
+    wake(idx)   one pass over new tokens of the current window; returns their logits
+    sleep()     the remaining N - 1 passes over the window (pass 1 was the wake pass)
+    evict()     drop the window's KV and features; keep S (and, sliding, the newest L - 1 tokens)
+    Memory is bounded by the window: at most 2L - 1 attention entries, L features, and S.
+    """
+
+    def __init__(self, model, batch_size, *, sleep_passes=None, window=None, eviction=None):
+        self.model = model
+        self.batch_size = batch_size
+        self.sleep_passes, self.window, self.eviction = model.resolve(sleep_passes, window, eviction)
+        self.span = self.window if self.eviction != "none" else float("inf")
+        self.reset()
+
+    def reset(self):
+        self.context, self.S = self.model.empty_state(self.batch_size)
+        self.window_context = self.context
+        self.features = []
+        self.pos = 0            # absolute position of the next token
+        self.window_start = 0
+
+    def window_length(self):
+        return self.pos - self.window_start
+
+    def wake(self, idx):
+        """One ordinary pass over idx (B, t), which must fit in the current window."""
+        if self.eviction != "none" and self.window_length() + idx.shape[1] > self.window:
+            raise ValueError(f"wake got {idx.shape[1]} tokens but only {self.window - self.window_length()} fit in the window")
+        pos = torch.arange(self.pos, self.pos + idx.shape[1], device=idx.device)
+        h, self.S, self.context = self.model.block_pass(self.model.wte(idx), pos, self.context, self.S, self.span)
+        if self.eviction != "none":
+            self.features.append(h)
+        self.pos += idx.shape[1]
+        return self.model.head(h)
+
+    def sleep(self):
+        """Passes 2..N over the full window, from the window's starting context and the current S."""
+        h = torch.cat(self.features, dim=1)
+        pos = torch.arange(self.window_start, self.pos, device=h.device)
+        for _ in range(self.sleep_passes - 1):
+            h, self.S, self.context = self.model.block_pass(h, pos, self.window_context, self.S, self.span)
+
+    def evict(self):
+        self.context = self.model.evict(self.context, self.window, self.eviction)
+        self.window_context = self.context
+        self.features = []
+        self.window_start = self.pos
+
+    def feed(self, idx):
+        """Read idx (B, T) in order: wake, and sleep + evict each time the window fills.
+        Returns the wake logits (B, T, V): equal to SleepLM.forward's on the same sequence."""
+        self.model._check_tokens("idx", idx)
+        logits = []
+        start = 0
+        while start < idx.shape[1]:
+            room = idx.shape[1] - start if self.eviction == "none" else self.window - self.window_length()
+            piece = idx[:, start:start + room]
+            logits.append(self.wake(piece))
+            start += piece.shape[1]
+            if self.eviction != "none" and self.window_length() == self.window:
+                self.sleep()
+                self.evict()
+        return torch.cat(logits, dim=1)
