@@ -140,10 +140,12 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
     chunk_decay = c[..., -1].exp()[..., None, None]                       # (B, H, n, 1, 1)
 
     outputs = []
-    for i in range(n):
-        u = U[:, :, i] - W[:, :, i] @ S                                   # (B, H, C, Dv)
-        outputs.append(q_decayed[:, :, i] @ S + scores[:, :, i] @ u)
-        S = chunk_decay[:, :, i] * S + k_decayed[:, :, i].transpose(-1, -2) @ u
+    # Unbind once: indexing [:, :, i] in the loop would make backward write n full-size gradients.
+    per_chunk = (x.unbind(2) for x in (U, W, q_decayed, scores, k_decayed.transpose(-1, -2), chunk_decay))
+    for U_i, W_i, q_i, scores_i, k_i, decay_i in zip(*per_chunk):
+        u = U_i - W_i @ S                                                 # (B, H, C, Dv)
+        outputs.append(q_i @ S + scores_i @ u)
+        S = decay_i * S + k_i @ u
     o = torch.stack(outputs, dim=2)                                       # (B, H, n, C, Dv)
     o = o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, Dv)[:, :T]          # (B, T, H, Dv)
     return o, S
@@ -247,8 +249,11 @@ class GatedDeltaNet(nn.Module):
         qkv = self.qkv(x)                                                     # (B, T, 3 * H * D)
         window = qkv.new_zeros(B, self.conv_size - 1, qkv.shape[-1]) if context is None else context.to(qkv.dtype)
         padded = torch.cat([window, qkv], dim=1)                              # (B, K - 1 + T, 3HD)
-        qkv = F.conv1d(padded.transpose(1, 2), self.conv_weight.to(qkv.dtype), groups=qkv.shape[-1])
-        q, k, v = F.silu(qkv.transpose(1, 2)).view(B, T, 3, H, D).unbind(2)   # (B, T, H, D)
+        # Depthwise causal conv as K shifted multiply-adds (= F.conv1d with groups=3HD, and much
+        # faster than it on CPU at these sizes).
+        weight = self.conv_weight[:, 0, :].to(qkv.dtype)                      # (3HD, K)
+        qkv = sum(padded[:, i:i + T] * weight[:, i] for i in range(self.conv_size))
+        q, k, v = F.silu(qkv).view(B, T, 3, H, D).unbind(2)                   # (B, T, H, D)
         f32 = state_dtype(x)                                                  # the state math in float32
         q = F.normalize(q.to(f32), dim=-1, eps=1e-6) / math.sqrt(D)
         k = F.normalize(k.to(f32), dim=-1, eps=1e-6)

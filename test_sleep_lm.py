@@ -1,8 +1,13 @@
 """Tests for sleep-lm. CPU, seconds. Run: python -m pytest -q test_sleep_lm.py"""
 
+import dataclasses
+import re
+
 import pytest
 import torch
 
+import data
+import train
 from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
 
 
@@ -274,3 +279,468 @@ def test_invalid_calls_raise_value_error_naming_the_argument():
         model(x, window=-2)
     with pytest.raises(ValueError, match="eviction"):
         model.generate(x, 2, eviction="partial")
+
+
+# -- the tasks (data.py): every answer re-derived from the decoded text by an independent solver --
+
+PAD = "<pad>"
+
+
+def rows_of(task, idx):
+    """Decoded examples as token lists."""
+    return [task.decode(row).split() for row in idx]
+
+
+# independent solvers, working from decoded text
+
+
+RULE_110_TABLE = {"111": "0", "110": "1", "101": "1", "100": "0", "011": "1", "010": "1", "001": "1", "000": "0"}
+
+
+def rule110_after(state, steps):
+    """state: string of '0'/'1'; periodic boundary; returns the state after `steps` updates."""
+    width = len(state)
+    for _ in range(steps):
+        state = "".join(RULE_110_TABLE[state[i - 1] + state[i] + state[(i + 1) % width]] for i in range(width))
+    return state
+
+
+def parse_depo_names(tokens):
+    """Split a token run into names: an uppercase token starts a two-token name."""
+    names, i = [], 0
+    while i < len(tokens):
+        size = 2 if tokens[i][0].isupper() else 1
+        names.append(tuple(tokens[i:i + size]))
+        i += size
+    return names
+
+
+def solve_depo(task, tokens):
+    """From one decoded Depo example: (successor map, [(hop, start, answer, position of '=')])."""
+    graph_len = task.params["graph_len"]
+    graph = [t for t in tokens[:graph_len] if t != PAD]
+    pieces, current = [], []
+    for token in graph:  # edges "x -> y" back to back: split at the arrows
+        if token == "->":
+            pieces.append(current)
+            current = []
+        else:
+            current.append(token)
+    pieces.append(current)
+    successor = {}
+    sources = parse_depo_names(pieces[0])
+    for piece in pieces[1:]:
+        names = parse_depo_names(piece)
+        successor[sources[-1]] = names[0]
+        sources = names[1:]
+    queries, i = [], graph_len
+    while i < len(tokens) and tokens[i] != PAD:
+        hop = int(tokens[i][3:])
+        equals = tokens.index("=", i)
+        start = tuple(tokens[i + 1:equals])
+        end = equals + 1
+        while end < len(tokens) and not tokens[end].startswith("hop") and tokens[end] != PAD:
+            end += 1
+        queries.append((hop, start, tuple(tokens[equals + 1:end]), equals))
+        i = end
+    return successor, queries
+
+
+def parse_math(task, tokens):
+    """From one decoded math problem: (asked quantity, {quantity: statement}, answer, answer marker
+    position). A statement is ('const', c) | ('sum', a, b) | ('diff', a, b) | ('more', a, c)."""
+    symbolic = task.params["rendering"] == "symbolic"
+    name_len = 1 if symbolic else 6
+    assert tokens[:2] == ["what", "is"]
+    asked = tuple(tokens[2:2 + name_len])
+    assert tokens[2 + name_len] == "?"
+    marker = tokens.index("answer")
+    body = tokens[3 + name_len:marker]
+    statements = {}
+    while body:
+        end = body.index(".")
+        s, body = body[:end], body[end + 1:]
+        x, rest = tuple(s[:name_len]), s[name_len:]
+        assert x not in statements, "a quantity is defined twice"
+        if symbolic:
+            assert rest[0] == "="
+            if len(rest) == 2:
+                statements[x] = ("const", int(rest[1]))
+            elif rest[2] == "-":
+                statements[x] = ("diff", (rest[1],), (rest[3],))
+            elif rest[3].startswith("V"):
+                statements[x] = ("sum", (rest[1],), (rest[3],))
+            else:
+                statements[x] = ("more", (rest[1],), int(rest[3]))
+        elif rest[0] == "is" and len(rest) == 2:
+            statements[x] = ("const", int(rest[1]))
+        elif rest[0] == "is":
+            assert rest[2:4] == ["more", "than"]
+            statements[x] = ("more", tuple(rest[4:10]), int(rest[1]))
+        else:
+            assert rest[:2] == ["equals", "the"] and rest[3] == "of" and rest[10] == "and"
+            statements[x] = ({"sum": "sum", "difference": "diff"}[rest[2]], tuple(rest[4:10]), tuple(rest[11:17]))
+    assert tokens[marker + 2:] == [PAD] * len(tokens[marker + 2:])
+    return asked, statements, int(tokens[marker + 1]), marker
+
+
+def evaluate_math(statements, quantity, used):
+    """Value of quantity; adds every quantity it depends on (itself included) to `used`."""
+    used.add(quantity)
+    kind, first, second = (statements[quantity] + (None,))[:3]
+    if kind == "const":
+        return first
+    x = evaluate_math(statements, first, used)
+    if kind == "more":
+        return x + second
+    y = evaluate_math(statements, second, used)
+    return x + y if kind == "sum" else x - y
+
+
+# ---- answers
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("cpu", {}), ("paper", {}), ("cpu", dict(states=3, width=11, t_min=0, t_max=12, levels=(0, 5, 12)))])
+def test_rule110_answers_match_an_independent_simulation(preset, overrides):
+    task = data.make_task("rule110", preset, **overrides)
+    states, width = task.params["states"], task.params["width"]
+    idx, targets, difficulty = task.train_batch(300, step=3)
+    for tokens, target_row, t in zip(rows_of(task, idx), targets, difficulty.tolist()):
+        answers = task.decode(target_row[states * width:]).split()
+        for i in range(states):
+            assert tokens[states * width + i] == f"?{i + 1}@t{t}"
+            state = "".join(tokens[i * width:(i + 1) * width])
+            assert answers[i] == rule110_after(state, t)[0]
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_depo_answers_match_walking_the_decoded_cycle(preset):
+    task = data.make_task("depo", preset)
+    p = task.params
+    training = task.train_batch(200, step=1)
+    evaluation = task.eval_set(task.levels[-1], 20)
+    for (idx, targets, difficulty), is_eval in ((training, False), (evaluation, True)):
+        for tokens, target_row, level in zip(rows_of(task, idx), targets, difficulty.tolist()):
+            successor, queries = solve_depo(task, tokens)
+            nodes = len(successor)
+            assert p["min_nodes"] <= nodes <= p["max_nodes"] and (nodes == p["max_nodes"] or not is_eval)
+            node, seen = next(iter(successor)), set()
+            while node not in seen:  # one cycle through every node
+                seen.add(node)
+                node = successor[node]
+            assert len(seen) == nodes and len(set(successor.values())) == nodes
+            assert len(queries) == p["queries"]
+            for hop, start, answer, equals in queries:
+                node = start
+                for _ in range(hop):
+                    node = successor[node]
+                assert answer == node
+                assert task.decode(target_row[equals:equals + len(answer)]).split() == list(answer)
+            hops = [hop for hop, *_ in queries]
+            assert level == max(hops) and (not is_eval or set(hops) == {level})
+
+
+@pytest.mark.parametrize("rendering", ["symbolic", "realistic"])
+def test_math_answers_match_evaluating_the_decoded_statements(rendering):
+    for preset, batch in (("cpu", 300), ("paper", 6)):
+        task = data.make_task("math", preset, rendering=rendering)
+        idx, targets, difficulty = task.train_batch(batch, step=2)
+        with_distractors = 0
+        for tokens, target_row, op in zip(rows_of(task, idx), targets, difficulty.tolist()):
+            asked, statements, answer, marker = parse_math(task, tokens)
+            used = set()
+            assert evaluate_math(statements, asked, used) == answer
+            assert sum(statements[q][0] != "const" for q in used) == op  # operations on the solution path
+            with_distractors += len(used) < len(statements)
+            values = {q: evaluate_math(statements, q, set()) for q in statements}
+            assert all(0 <= v < task.params["values"] for v in values.values())
+            assert task.decode(target_row[marker:marker + 1]) == str(answer)
+        assert with_distractors >= 0.8 * batch
+
+
+# ---- layouts
+
+
+@pytest.mark.parametrize("name", ["rule110", "depo", "math"])
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_targets_are_minus_one_outside_answer_positions(name, preset):
+    task = data.make_task(name, preset)
+    idx, targets, _ = task.train_batch(8 if name == "math" and preset == "paper" else 64, step=0)
+    assert idx.shape == targets.shape == (len(idx), task.seq_len) and idx.dtype == targets.dtype == torch.long
+    for tokens, row, target_row in zip(rows_of(task, idx), idx, targets):
+        if name == "rule110":
+            k = task.params["states"]
+            expected = set(range(task.seq_len - k, task.seq_len))
+        elif name == "depo":
+            _, queries = solve_depo(task, tokens)
+            expected = {equals + j for _, _, answer, equals in queries for j in range(len(answer))}
+            assert all(target_row[p] == row[p + 1] for p in expected)  # teacher forcing
+        else:
+            marker = tokens.index("answer")
+            expected = {marker}
+            assert target_row[marker] == row[marker + 1]
+        assert set(torch.nonzero(target_row != -1).flatten().tolist()) == expected
+
+
+@pytest.mark.parametrize("name", ["rule110", "depo", "math"])
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_all_answers_lie_in_one_prediction_chunk_after_the_first_window(name, preset):
+    task = data.make_task(name, preset)
+    _, targets, _ = task.train_batch(8 if name == "math" and preset == "paper" else 64, step=5)
+    rows, positions = torch.nonzero(targets != -1, as_tuple=True)
+    chunk = positions // task.window
+    for row in range(len(targets)):
+        assert len(set(chunk[rows == row].tolist())) == 1
+    assert chunk.min() >= 1
+
+
+def test_rule110_paper_layout_each_state_is_one_window_and_no_state_token_is_predicted():
+    task = data.make_task("rule110", "paper")
+    assert (task.seq_len, task.window, task.params["states"]) == (100, 24, 4)
+    idx, targets, difficulty = task.train_batch(64, step=0)
+    assert (difficulty == 32).all()
+    cell_ids = torch.tensor(task.encode("0 1"))
+    assert torch.isin(idx[:, :96], cell_ids).all()
+    assert not torch.isin(idx[:, 96:], cell_ids).any()
+    assert (targets[:, :96] == -1).all() and torch.isin(targets[:, 96:], cell_ids).all()
+    assert len(set(idx[:, 96:].flatten().tolist())) == 4  # four distinct query tokens
+
+
+def test_depo_paper_layout_graph_fills_whole_windows_without_targets_and_queries_follow():
+    task = data.make_task("depo", "paper")
+    assert (task.seq_len, task.window, task.params["graph_len"]) == (360, 75, 300)
+    idx, targets, _ = task.train_batch(64, step=0)
+    evaluation = task.eval_set(16, 8)
+    for idx, targets in ((idx, targets), evaluation[:2]):
+        assert (targets[:, :300] == -1).all()
+        for tokens in rows_of(task, idx):
+            assert not any(t.startswith("hop") or t == "=" for t in tokens[:300])
+            assert tokens[300].startswith("hop") and "->" not in tokens[300:]
+            assert tokens[299] != PAD  # the graph ends right at the window boundary
+
+
+def test_math_paper_layout_question_first_answer_after_the_first_window():
+    for rendering in ("symbolic", "realistic"):
+        task = data.make_task("math", "paper", rendering=rendering)
+        idx, targets, _ = task.train_batch(6, step=0)
+        assert task.seq_len == 3300 and task.window == 2000
+        assert (targets[:, :2000] == -1).all()
+        for tokens in rows_of(task, idx):
+            length = len(tokens) - tokens.count(PAD)
+            assert 2000 <= length <= 3300 and tokens[:2] == ["what", "is"]
+            assert 2000 <= tokens.index("answer") == length - 2
+
+
+# ---- determinism and the train / eval split
+
+
+@pytest.mark.parametrize("name", ["rule110", "depo", "math"])
+def test_train_batch_is_a_pure_function_of_seed_and_step(name):
+    task = data.make_task(name)
+    first, again = task.train_batch(32, step=7, seed=1), data.make_task(name).train_batch(32, step=7, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], task.train_batch(32, step=8, seed=1)[0])
+    assert not torch.equal(first[0], task.train_batch(32, step=7, seed=2)[0])
+
+
+@pytest.mark.parametrize("name", ["rule110", "depo", "math"])
+def test_eval_set_is_fixed_and_a_prefix_of_longer_eval_sets(name):
+    task = data.make_task(name)
+    level = task.levels[-1]
+    short, long = task.eval_set(level, 7), task.eval_set(level, 40)
+    assert all(torch.equal(s, l[:7]) for s, l in zip(short, long))
+    assert all(torch.equal(a, b) for a, b in zip(long, data.make_task(name).eval_set(level, 40)))
+    assert (long[2] == level).all()
+    assert not torch.equal(long[0], task.eval_set(level, 40, seed=1)[0])
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("rule110", dict(width=8, t_min=1, t_max=1, levels=(1,))),  # 256 possible inputs
+    ("depo", dict(max_nodes=3, name_tokens=4, max_hops=1, levels=(1,), queries=1, graph_len=24, query_len=4)),
+    ("math", {}),
+])
+def test_eval_and_train_streams_never_share_an_input(name, overrides):
+    task = data.make_task(name, **overrides)
+    train = {tuple(row) for step in range(20) for row in task.train_batch(100, step)[0].tolist()}
+    evaluation = {tuple(row) for level in task.levels for row in task.eval_set(level, 50)[0].tolist()}
+    assert train.isdisjoint(evaluation)
+    if name != "math":  # tiny input spaces: without the split, the streams would collide
+        assert len(train) < 2000 and len(evaluation) < 50 * len(task.levels)
+
+
+def test_train_batch_levels_restrict_the_difficulty():
+    for name, levels in (("rule110", [3]), ("depo", [2, 4]), ("math", [2])):
+        task = data.make_task(name)
+        idx, targets, difficulty = task.train_batch(64, step=0, levels=levels)
+        assert set(difficulty.tolist()) <= set(levels)
+    task = data.make_task("depo")
+    for tokens in rows_of(task, task.train_batch(64, step=0, levels=[2, 4])[0]):
+        assert {int(t[3:]) for t in tokens if t.startswith("hop")} <= {2, 4}
+
+
+# ---- vocabulary, validation, scoring
+
+
+@pytest.mark.parametrize("name", ["rule110", "depo", "math"])
+def test_encode_inverts_decode(name):
+    task = data.make_task(name, rendering="realistic") if name == "math" else data.make_task(name)
+    idx = task.train_batch(4, step=0)[0]
+    for row in idx:
+        assert task.encode(task.decode(row)) == row.tolist()
+    assert len(task.vocab) == task.vocab_size == len(set(task.vocab)) and idx.max() < task.vocab_size
+
+
+@pytest.mark.parametrize("name,preset,overrides,parameter", [
+    ("sudoku", "cpu", {}, "name"),
+    ("rule110", "gpu", {}, "preset"),
+    ("rule110", "cpu", dict(colour=1), "colour"),
+    ("rule110", "cpu", dict(width=2), "width"),
+    ("rule110", "cpu", dict(width=16.5), "width"),
+    ("rule110", "cpu", dict(t_min=-1), "t_min"),
+    ("rule110", "cpu", dict(t_max=0), "t_max"),
+    ("rule110", "cpu", dict(levels=(-2,)), "levels"),
+    ("rule110", "cpu", dict(levels=()), "levels"),
+    ("rule110", "cpu", dict(states=17), "states"),
+    ("depo", "cpu", dict(max_hops=13), "max_hops"),
+    ("depo", "cpu", dict(levels=(1, 13)), "levels"),
+    ("depo", "cpu", dict(graph_len=60), "graph_len"),
+    ("depo", "cpu", dict(graph_len=24), "graph_len"),
+    ("depo", "paper", dict(prefix_tokens=20), "graph_len"),
+    ("depo", "cpu", dict(name_tokens=8), "name_tokens"),
+    ("depo", "cpu", dict(query_len=30), "query_len"),
+    ("depo", "cpu", dict(queries=7), "query_len"),
+    ("depo", "cpu", dict(min_nodes=2), "min_nodes"),
+    ("math", "cpu", dict(rendering="latex"), "rendering"),
+    ("math", "cpu", dict(op_min=0), "op_min"),
+    ("math", "cpu", dict(window=120), "min_tokens"),
+    ("math", "cpu", dict(max_tokens=104), "max_tokens"),
+    ("math", "cpu", dict(quantities=20), "quantities"),
+    ("math", "paper", dict(rendering="realistic", quantities=1000), "quantities"),
+    ("math", "cpu", dict(levels=(30,)), "max_tokens"),
+])
+def test_invalid_parameters_raise_value_error_naming_the_parameter(name, preset, overrides, parameter):
+    with pytest.raises(ValueError, match=rf"\b{parameter}="):
+        data.make_task(name, preset, **overrides)
+
+
+def test_invalid_levels_raise_value_error_naming_the_argument():
+    task = data.make_task("rule110")
+    with pytest.raises(ValueError, match=r"\blevels="):
+        task.train_batch(4, step=0, levels=[99])
+    with pytest.raises(ValueError, match=r"\blevel="):
+        task.eval_set(99, 4)
+    with pytest.raises(ValueError, match=r"\btext="):
+        task.encode("0 1 2")
+
+
+@pytest.mark.parametrize("name,preset", [("rule110", "paper"), ("depo", "paper"), ("math", "cpu")])
+def test_score_marks_a_perfect_prediction_right_and_one_wrong_answer_token_wrong(name, preset):
+    task = data.make_task(name, preset)
+    idx, targets, _ = task.train_batch(16, step=0)
+    perfect = torch.where(targets == -1, torch.randint_like(targets, task.vocab_size), targets)
+    score = task.score(perfect, targets)
+    assert score.shape == (16, task.items_per_example) and score.dtype == torch.bool and score.all()
+    item = task.item_index(targets)
+    is_answer = targets != -1
+    # prefer an answer token right after another one: for Depo, the second token of a two-token answer
+    follows_answer = is_answer & torch.nn.functional.pad(is_answer[:, :-1], (1, 0))
+    row, position = torch.nonzero(follows_answer if follows_answer.any() else is_answer)[0].tolist()
+    wrong = perfect.clone()
+    wrong[row, position] = (targets[row, position] + 1) % task.vocab_size
+    score = task.score(wrong, targets)
+    assert not score[row, item[row, position]] and score.sum() == score.numel() - 1
+
+
+def test_depo_items_group_two_token_answers():
+    task = data.make_task("depo", "paper")
+    _, targets, _ = task.train_batch(32, step=0)
+    item = task.item_index(targets)
+    assert (item.max(dim=1).values == task.params["queries"] - 1).all()
+    answer_tokens = (targets != -1).sum(dim=1)
+    assert (answer_tokens > task.params["queries"]).any()  # some answers have two tokens
+
+
+def test_cli_prints_examples(capsys):
+    for name in ("rule110", "depo", "math"):
+        task = data.make_task(name)
+        idx, targets, difficulty = task.train_batch(1, step=0)
+        data.show_example(task, idx[0], targets[0], difficulty[0])
+    out = capsys.readouterr().out
+    assert "predict" in out and "consolidate" in out and re.search(r"answers: \S", out)
+
+
+# -- training (train.py) -----------------------------------------------------------------------
+
+SMOKE = ["--n_embd=16", "--n_head=2", "--batch_size=4", "--max_iters=4", "--eval_interval=2", "--log_interval=2",
+         "--eval_examples=8", "--warmup_iters=2", "--sleep_passes=2"]
+
+
+def smoke_config(tmp_path, *extra):
+    return train.parse_args(SMOKE + [f"--out_dir={tmp_path}"] + list(extra))
+
+
+@pytest.mark.parametrize("task", ["rule110", "depo", "math"])
+def test_training_runs_end_to_end_with_finite_loss_and_accuracy_per_level(task, tmp_path):
+    cfg, overrides = smoke_config(tmp_path, f"--task={task}")
+    result = train.train(cfg, overrides, log=lambda *a: None)
+    assert len(result["losses"]) == 4 and all(map(torch.isfinite, torch.tensor(result["losses"])))
+    final = result["final"][2]
+    levels = train.make_task(task).levels
+    assert list(final) == list(levels)
+    assert all(0.0 <= final[lv]["item"] <= 1.0 and 0.0 <= final[lv]["exact"] <= 1.0 for lv in levels)
+    assert (tmp_path / "ckpt.pt").exists()
+
+
+def test_resume_gives_bitwise_the_same_next_losses(tmp_path, monkeypatch):
+    cfg, overrides = smoke_config(tmp_path / "a", "--max_iters=6", "--eval_interval=3")
+    uninterrupted = train.train(cfg, overrides, log=lambda *a: None)["losses"]
+
+    cfg, overrides = smoke_config(tmp_path / "b", "--max_iters=6", "--eval_interval=3")
+    task_class = type(train.make_task(cfg.task))
+    real_batch = task_class.train_batch
+
+    def preempted(self, batch_size, step, **kwargs):     # the job dies after the step-3 checkpoint
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_batch(self, batch_size, step, **kwargs)
+
+    monkeypatch.setattr(task_class, "train_batch", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, overrides, log=lambda *a: None)
+    monkeypatch.setattr(task_class, "train_batch", real_batch)
+    resumed = train.train(dataclasses.replace(cfg, resume=True), overrides, log=lambda *a: None)["losses"]
+    assert resumed == uninterrupted                      # float equality: bitwise the same run
+
+
+def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    cfg, overrides = smoke_config(tmp_path)
+    real_forward = SleepLM.forward
+    calls = []
+
+    def poisoned(self, idx, targets=None, **kwargs):
+        logits, loss = real_forward(self, idx, targets, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 3:                          # step 3, after the step-2 checkpoint
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(SleepLM, "forward", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match="loss is nan at step 2"):
+        train.train(cfg, overrides, log=lambda *a: None)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task=chess"], "--task"), (["--preset=huge"], "--preset"), (["--learning_rate=fast"], "--learning_rate"),
+    (["--no_such_key=1"], "unknown setting --no_such_key"), (["--compile=maybe"], "--compile"), (["max_iters=3"], "--key=value"),
+])
+def test_invalid_flags_are_refused_with_a_clear_message(argv, message):
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(argv)
+
+
+def test_main_refuses_bad_model_settings_before_training(capsys):
+    with pytest.raises(SystemExit, match="eviction"):
+        train.main(["--eviction=partial"])
