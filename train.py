@@ -48,6 +48,10 @@ class TrainConfig:
     eviction: str = "hard"
     bptt_passes: int = 0             # 0 = full backprop; K = only the last K passes carry gradient
     checkpoint_windows: bool = False
+    input_injection: bool = False    # add the embeddings before every sleep pass (not in Algorithm 1)
+    # training levers (see the README's "Making sleep train at small scale")
+    train_sleep_passes: str = ""     # comma list: draw N per step from it (seeded by step); "" = always sleep_passes
+    curriculum_iters: int = 0        # raise the hardest training level linearly from the easiest to the hardest over these steps
     # optimisation
     optimizer: str = "muon"          # muon (matrices) + adamw (the rest), or adamw
     batch_size: int = 128
@@ -78,7 +82,7 @@ PRESETS = {
     # A laptop CPU: at most about 15 minutes per run on 2 cores.
     ("rule110", "cpu"): dict(n_embd=64, n_head=2, batch_size=128, max_iters=2000, eval_interval=250),
     ("depo", "cpu"): dict(n_embd=64, n_head=2, batch_size=64, max_iters=2000, eval_interval=250),
-    ("math", "cpu"): dict(n_embd=64, n_head=2, batch_size=64, max_iters=1500, eval_interval=250),
+    ("math", "cpu"): dict(n_embd=64, n_head=2, batch_size=32, max_iters=1000, eval_interval=250),
     # One GPU, the paper's model (4 layers, d = 256, AGAG) and batch sizes; Muon 2e-3 / AdamW 5e-5.
     # Rule 110: ~5B tokens = 100k steps of 512 x 100 tokens. Depo and math: sized to a 1-2 GPU-day run.
     ("rule110", "paper"): dict(n_embd=256, n_head=4, batch_size=512, max_iters=100_000, adamw_lr=5e-5,
@@ -164,8 +168,27 @@ def build_model(cfg, task):
     config = SleepLMConfig(
         vocab_size=task.vocab_size, n_embd=cfg.n_embd, n_head=cfg.n_head, layers=cfg.layers * cfg.layer_repeat,
         window=cfg.window or task.window, sleep_passes=cfg.sleep_passes, eviction=cfg.eviction,
-        bptt_passes=cfg.bptt_passes or None, checkpoint_windows=cfg.checkpoint_windows)
+        bptt_passes=cfg.bptt_passes or None, checkpoint_windows=cfg.checkpoint_windows,
+        input_injection=cfg.input_injection)
     return SleepLM(config)
+
+
+def training_levels(step, cfg, task):
+    """The difficulty levels of step's batch: all of them, or under a curriculum the easiest up to a
+    cap that rises linearly over curriculum_iters steps."""
+    levels = task.train_levels
+    if step >= cfg.curriculum_iters:
+        return levels
+    cap = levels[0] + (levels[-1] - levels[0]) * step / cfg.curriculum_iters
+    return [lv for lv in levels if lv <= cap]
+
+
+def step_sleep_passes(step, cfg, choices):
+    """N for this training step: fixed, or drawn from choices by a generator seeded with (seed, step)."""
+    if not choices:
+        return cfg.sleep_passes
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return choices[torch.randint(len(choices), (1,), generator=g).item()]
 
 
 def lr_multiplier(step, cfg):
@@ -252,6 +275,7 @@ def train(cfg, task_overrides, log=print):
     log(f"task {task.name} ({task.preset}) T={task.seq_len} L={model.config.window} vocab={task.vocab_size} "
         f"| model {model.config.layers} d={cfg.n_embd} N={cfg.sleep_passes} {n_params / 1e6:.3f}M params | {device}")
     eval_passes = int_list(cfg.eval_sleep_passes, "eval_sleep_passes") or [cfg.sleep_passes]
+    sleep_choices = int_list(cfg.train_sleep_passes, "train_sleep_passes")
 
     def run_eval():
         evals = {n: evaluate(model, task, cfg, device, n) for n in eval_passes}
@@ -272,10 +296,10 @@ def train(cfg, task_overrides, log=print):
             for group in opt.param_groups:
                 group["lr"] = group["peak_lr"] * mult
         t0 = time.time()
-        idx, targets, _ = task.train_batch(cfg.batch_size, step, seed=cfg.seed)
+        idx, targets, _ = task.train_batch(cfg.batch_size, step, seed=cfg.seed, levels=training_levels(step, cfg, task))
         idx, targets = idx.to(device), targets.to(device)
         with autocast(device):
-            _, loss = model_for_step(idx, targets)
+            _, loss = model_for_step(idx, targets, sleep_passes=step_sleep_passes(step, cfg, sleep_choices))
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at step {step}: training stopped. The last good "
                                 f"checkpoint (if any) is {ckpt_path}; try a lower learning rate or more warm-up.")
@@ -381,7 +405,8 @@ def main(argv):
         # Check the whole configuration (model and task) before any work starts.
         build_model(cfg, make_task(cfg.task, preset=cfg.preset, **task_overrides))
         pick_device(cfg.device)
-        int_list(cfg.sweep, "sweep"), int_list(cfg.seeds, "seeds"), int_list(cfg.eval_sleep_passes, "eval_sleep_passes")
+        for name in ("sweep", "seeds", "eval_sleep_passes", "train_sleep_passes"):
+            int_list(getattr(cfg, name), name)
     except ValueError as e:
         sys.exit(f"error: {e}")
     for key, value in dataclasses.asdict(cfg).items():
