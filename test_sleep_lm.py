@@ -744,3 +744,21 @@ def test_invalid_flags_are_refused_with_a_clear_message(argv, message):
 def test_main_refuses_bad_model_settings_before_training(capsys):
     with pytest.raises(SystemExit, match="eviction"):
         train.main(["--eviction=partial"])
+
+
+def test_curriculum_raises_the_hardest_level_to_all_levels_and_n_draws_are_seeded(tmp_path):
+    cfg, _ = smoke_config(tmp_path, "--curriculum_iters=100", "--train_sleep_passes=1,2,4")
+    task = train.make_task(cfg.task)
+    caps = [max(train.training_levels(step, cfg, task)) for step in range(0, 120, 10)]
+    assert caps == sorted(caps) and caps[0] == task.train_levels[0] and caps[-1] == task.train_levels[-1]
+    draws = [train.step_sleep_passes(step, cfg, [1, 2, 4]) for step in range(50)]
+    assert set(draws) == {1, 2, 4}
+    assert draws == [train.step_sleep_passes(step, cfg, [1, 2, 4]) for step in range(50)]
+
+
+def test_input_injection_changes_sleep_but_not_the_wake_pass():
+    x = tokens(2, 24)
+    plain, injected = tiny_model(), tiny_model(input_injection=True)
+    a, b = plain(x)[0], injected(x)[0]
+    assert_close(b[:, :8], a[:, :8], what="first window (wake pass, same weights)")
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-6, "injection should change what sleep writes into S"
