@@ -20,7 +20,8 @@ Read in this order:
 
 Shape letters:
   B batch, T time (tokens), C channels (n_embd), V vocabulary, H heads,
-  Dk / Dv key / value head dims, L window (tokens per chunk), N sleep passes (N = 1: no sleep).
+  Dk / Dv key / value head dims, L window (tokens per window), N sleep passes (N = 1: no sleep).
+  (The chunkwise local rule cuts its input into chunks of C tokens: a speed device, not a window.)
 
 Eviction modes (what survives a window boundary):
   "hard"    only S (and nothing else) crosses into the next window: the paper's Algorithm 1.
@@ -88,7 +89,8 @@ def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, chunk_size=None):
         state = q.new_zeros(B, H, Dk, v.shape[-1])
     state = state.to(dtype)
     rule = _delta_rule_recurrent if chunk_size is None else _delta_rule_chunked
-    o, state = rule(q, k, v, log_decay, beta, state, chunk_size)
+    with torch.autocast(q.device.type, enabled=False):   # under bf16 autocast too: matmuls in float32
+        o, state = rule(q, k, v, log_decay, beta, state, chunk_size)
     return o.to(out_dtype), state
 
 
@@ -109,7 +111,8 @@ def _delta_rule_recurrent(q, k, v, log_decay, beta, S, chunk_size=None):
 def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
     """The chunkwise-parallel form (WY / UT transform; Yang et al., arXiv 2412.06464, sec. 3).
 
-    Inside a chunk with cumulative log decay c_i = sum_{j<=i} log_decay_j, unrolling the recurrence
+    Here (only) C is the chunk length and a "chunk" is a block of C tokens of the local rule, a speed
+    device inside one call; not the sleep window. Inside a chunk with cumulative log decay c_i = sum_{j<=i} log_decay_j, unrolling the recurrence
     from the chunk's initial state S0 gives S_i = e^{c_i} S0 + sum_{j<=i} e^{c_i - c_j} k_j u_j^T,
     where the "new values" u_j = beta_j (v_j - S_{j-1}'^T k_j) solve the unit lower-triangular system
         (I + diag(beta) A) u = diag(beta) V - diag(beta e^c) K S0,   A_ij = e^{c_i - c_j} k_i.k_j (j < i).
@@ -157,10 +160,16 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
 
 
 # -----------------------------------------------------------------------------
-# Layers. Every mixer maps (x, pos, context, S) -> (y, S, extended context):
+# Layers. Every mixer maps (x, pos, context, S, span) -> (y, S, extended context):
 #   context  what this layer may see from before x: attention keys/values, or the conv window
 #   S        the fast weights (GDN only; None for attention)
+#   span     how many positions back attention may look, itself included (L; infinite for "none")
 #   extended the context after reading x (what a decoder keeps, before eviction trims it)
+
+
+def l2_normalize(x, eps=1e-6):
+    """x / sqrt(sum x^2 + eps) over the last dim (as flash-linear-attention's l2norm)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
 class RMSNorm(nn.Module):
@@ -252,8 +261,8 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         H, D = self.n_head, self.head_dim
         qkv = self.qkv(x)                                                     # (B, T, 3 * H * D)
-        window = qkv.new_zeros(B, self.conv_size - 1, qkv.shape[-1]) if context is None else context.to(qkv.dtype)
-        padded = torch.cat([window, qkv], dim=1)                              # (B, K - 1 + T, 3HD)
+        conv_window = qkv.new_zeros(B, self.conv_size - 1, qkv.shape[-1]) if context is None else context.to(qkv.dtype)
+        padded = torch.cat([conv_window, qkv], dim=1)                              # (B, K - 1 + T, 3HD)
         # Depthwise causal conv as K shifted multiply-adds (= F.conv1d with groups=3HD, and much
         # faster than it on CPU at these sizes).
         weight = self.conv_weight[:, 0, :].to(qkv.dtype)                      # (3HD, K)
@@ -262,7 +271,7 @@ class GatedDeltaNet(nn.Module):
             qkv = torch.addcmul(qkv, padded[:, i:i + T], weight[:, i])                # qkv += shifted * w_i
         qkv = F.silu(qkv).view(B, T, 3, H, D)
         f32 = state_dtype(x)                                                  # the state math in float32
-        q, k = F.normalize(qkv[:, :, :2].to(f32), dim=-1, eps=1e-6).unbind(2)  # (B, T, H, D), one call for both
+        q, k = l2_normalize(qkv[:, :, :2].to(f32)).unbind(2)                  # (B, T, H, D), one call for both
         q, v = q / math.sqrt(D), qkv[:, :, 2]
         beta = torch.sigmoid(self.b_proj(x).to(f32))                          # (B, T, H), in (0, 1)
         log_decay = -self.A_log.to(f32).exp() * F.softplus(self.a_proj(x).to(f32) + self.dt_bias)
@@ -452,6 +461,7 @@ class SleepLM(nn.Module):
         return kept
 
     def head(self, h):
+        """Logits, in float32 (float64 for a float64 model) even under bf16 autocast."""
         return self.lm_head(self.norm_f(h)).to(state_dtype(h))
 
     def process_window(self, idx, pos, context, S, passes, span, bptt_passes=None):
@@ -505,7 +515,11 @@ class SleepLM(nn.Module):
             if targets is None:
                 consolidate = stop < T
             else:
-                consolidate = bool((targets[:, start:stop] < 0).all())
+                no_answer = (targets[:, start:stop] < 0).all(dim=1)          # per sequence, (B,)
+                if no_answer.any() != no_answer.all():
+                    raise ValueError(f"targets: the window at {start}..{stop - 1} holds answers in some rows "
+                                     f"but not in others; windows must line up across the batch")
+                consolidate = bool(no_answer.all())
             passes = N if consolidate else 1
             pos = torch.arange(start, stop, device=idx.device)
             args = (idx[:, start:stop], pos, context, S, passes, span, self.config.bptt_passes)

@@ -97,6 +97,16 @@ def test_rule_two_token_example_by_hand():
         assert S.flatten().tolist() == pytest.approx([3.0, 0.0])
 
 
+def test_rule_keeps_float32_state_math_under_bf16_autocast():
+    q, k, v, log_decay, beta, state = random_rule_inputs(T=20, dtype=torch.float32)
+    for chunk_size in (None, 8):
+        o_ref, s_ref = gated_delta_rule(q, k, v, log_decay, beta, state=state, chunk_size=chunk_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o, s = gated_delta_rule(q, k, v, log_decay, beta, state=state, chunk_size=chunk_size)
+        assert_close(s, s_ref, rtol=1e-5, atol=1e-5, what=f"state under autocast, chunk_size={chunk_size}")
+        assert_close(o, o_ref, rtol=1e-5, atol=1e-5, what=f"outputs under autocast, chunk_size={chunk_size}")
+
+
 def test_rule_computes_in_float32_for_half_inputs():
     q, k, v, log_decay, beta, _ = random_rule_inputs(T=8, dtype=torch.float32)
     o, S = gated_delta_rule(q.bfloat16(), k.bfloat16(), v.bfloat16(), log_decay, beta, chunk_size=4)
@@ -180,7 +190,7 @@ def test_sleep_changes_the_loss_and_gradients_reach_the_first_window():
     assert first_window_rows.abs().sum() > 0, "no gradient reached the embeddings of the first window"
 
 
-def test_truncated_and_checkpointed_backprop_match_full_backprop():
+def test_truncated_backprop_keeps_the_loss_and_checkpointing_keeps_loss_and_gradients():
     x = tokens(2, 24)
     y = torch.full_like(x, -1)
     y[:, -3:] = x[:, -3:]
@@ -273,6 +283,11 @@ def test_invalid_calls_raise_value_error_naming_the_argument():
         model(x, x[:, :5])
     with pytest.raises(ValueError, match="targets"):
         model(x, torch.full_like(x, -1))                  # nothing to predict
+    ragged = torch.full_like(x, -1)
+    ragged[0, 2] = 1                                      # an answer in window 1 of row 0 only
+    ragged[:, -1] = 1
+    with pytest.raises(ValueError, match="line up"):
+        model(x, ragged)
     with pytest.raises(ValueError, match="sleep_passes"):
         model(x, sleep_passes=0)
     with pytest.raises(ValueError, match="window"):
@@ -735,10 +750,29 @@ def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tm
 @pytest.mark.parametrize("argv, message", [
     (["--task=chess"], "--task"), (["--preset=huge"], "--preset"), (["--learning_rate=fast"], "--learning_rate"),
     (["--no_such_key=1"], "unknown setting --no_such_key"), (["--compile=maybe"], "--compile"), (["max_iters=3"], "--key=value"),
+    (["--eval_interval=0"], "--eval_interval"), (["--sweep=1,2", "--train_sleep_passes=1,2"], "--train_sleep_passes"),
 ])
 def test_invalid_flags_are_refused_with_a_clear_message(argv, message):
     with pytest.raises(ValueError, match=message):
         train.parse_args(argv)
+
+
+def test_eval_only_rebuilds_the_checkpoints_model_and_evaluates_other_n(tmp_path):
+    cfg, overrides = smoke_config(tmp_path, "--task=depo", "--input_injection")
+    trained = train.train(cfg, overrides, log=lambda *a: None)
+    # Flags that disagree with the checkpoint (width, injection) must not change the evaluated model.
+    cfg, overrides = train.parse_args([f"--out_dir={tmp_path}", "--eval_only", "--eval_sleep_passes=2,3", "--eval_examples=8"])
+    evaluated = train.train(cfg, overrides, log=lambda *a: None)
+    assert evaluated["final"][2] == trained["final"][2]
+    assert set(evaluated["final"]) == {2, 3}
+
+
+def test_resume_refuses_different_model_settings(tmp_path):
+    cfg, overrides = smoke_config(tmp_path)
+    train.train(cfg, overrides, log=lambda *a: None)
+    cfg, overrides = smoke_config(tmp_path, "--resume", "--layers=AG")
+    with pytest.raises(ValueError, match="layers"):
+        train.train(cfg, overrides, log=lambda *a: None)
 
 
 def test_main_refuses_bad_model_settings_before_training(capsys):

@@ -43,8 +43,7 @@ class TrainConfig:
     n_head: int = 2
     layers: str = "AGAG"
     layer_repeat: int = 1            # repeat the layer pattern: --sleep_passes=1 --layer_repeat=4 is the compute-matched baseline
-    sleep_passes: int = 4            # N
-    window: int = 0                  # L; 0 = the window the task's layout is built for
+    sleep_passes: int = 4            # N (the window L is the task's: --width for rule110, --window for depo and math)
     eviction: str = "hard"
     bptt_passes: int = 0             # 0 = full backprop; K = only the last K passes carry gradient
     checkpoint_windows: bool = False
@@ -137,7 +136,27 @@ def parse_args(argv):
         else:
             raise ValueError(f"unknown setting --{key}; settings: {', '.join(settings)}; "
                              f"parameters of task {task_name}: {', '.join(task_params)}")
-    return TrainConfig(**settings), overrides
+    cfg = TrainConfig(**settings)
+    check_config(cfg)
+    return cfg, overrides
+
+
+def check_config(cfg):
+    """Refuse settings that would only fail later (or silently do the wrong thing)."""
+    for name in ("batch_size", "max_iters", "eval_interval", "log_interval", "eval_examples", "eval_batch_size",
+                 "layer_repeat", "n_embd", "n_head"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("warmup_iters", "curriculum_iters", "bptt_passes", "seed"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("sweep", "seeds", "eval_sleep_passes", "train_sleep_passes"):
+        int_list(getattr(cfg, name), name)
+    if cfg.sweep and cfg.train_sleep_passes:
+        raise ValueError("--sweep trains one model per N: it cannot be combined with --train_sleep_passes")
+    if cfg.resume and cfg.eval_only:
+        raise ValueError("--resume and --eval_only exclude each other")
+    pick_device(cfg.device)
 
 
 def int_list(text, name):
@@ -167,7 +186,7 @@ def pick_device(name):
 def build_model(cfg, task):
     config = SleepLMConfig(
         vocab_size=task.vocab_size, n_embd=cfg.n_embd, n_head=cfg.n_head, layers=cfg.layers * cfg.layer_repeat,
-        window=cfg.window or task.window, sleep_passes=cfg.sleep_passes, eviction=cfg.eviction,
+        window=task.window, sleep_passes=cfg.sleep_passes, eviction=cfg.eviction,
         bptt_passes=cfg.bptt_passes or None, checkpoint_windows=cfg.checkpoint_windows,
         input_injection=cfg.input_injection)
     return SleepLM(config)
@@ -252,29 +271,43 @@ def train(cfg, task_overrides, log=print):
     device = pick_device(cfg.device)
     if device == "cpu":
         torch.set_flush_denormal(True)   # exp-decay products go denormal; they made a step ~20x slower
-    task = make_task(cfg.task, preset=cfg.preset, **task_overrides)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, task).to(device)
-    optimizers = model.configure_optimizers(cfg.learning_rate, cfg.adamw_lr, cfg.weight_decay, optimizer=cfg.optimizer)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["peak_lr"] = group["lr"]
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    step, history, losses, elapsed = 0, [], [], 0.0
+    ckpt = None
     if cfg.resume or cfg.eval_only:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"no checkpoint to {'resume' if cfg.resume else 'evaluate'} at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # The task the model was trained on, whatever the flags say.
+        cfg = dataclasses.replace(cfg, task=ckpt["config"]["task"], preset=ckpt["config"]["preset"])
+        task_overrides = ckpt["task"]
+    task = make_task(cfg.task, preset=cfg.preset, **task_overrides)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, task)
+    if ckpt is not None and dataclasses.asdict(model.config) != ckpt["model_config"]:
+        if cfg.resume:
+            differ = {k: (v, ckpt["model_config"][k]) for k, v in dataclasses.asdict(model.config).items()
+                      if v != ckpt["model_config"][k]}
+            raise ValueError(f"--resume with model settings that differ from the checkpoint's (flag, checkpoint): {differ}")
+        model = SleepLM(SleepLMConfig(**ckpt["model_config"]))     # --eval_only: the checkpoint's model
+    model = model.to(device)
+    optimizers = model.configure_optimizers(cfg.learning_rate, cfg.adamw_lr, cfg.weight_decay, optimizer=cfg.optimizer)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["peak_lr"] = group["lr"]
+    step, history, losses, elapsed = 0, [], [], 0.0
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
+        if cfg.resume:
+            for opt, state in zip(optimizers, ckpt["optimizers"]):
+                opt.load_state_dict(state)
         step, history, losses, elapsed = ckpt["step"], ckpt["history"], ckpt["losses"], ckpt["elapsed"]
         torch.set_rng_state(ckpt["rng_state"])
         log(f"loaded {ckpt_path} at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"task {task.name} ({task.preset}) T={task.seq_len} L={model.config.window} vocab={task.vocab_size} "
-        f"| model {model.config.layers} d={cfg.n_embd} N={cfg.sleep_passes} {n_params / 1e6:.3f}M params | {device}")
-    eval_passes = int_list(cfg.eval_sleep_passes, "eval_sleep_passes") or [cfg.sleep_passes]
+        f"| model {model.config.layers} d={model.config.n_embd} N={model.config.sleep_passes} "
+        f"{n_params / 1e6:.3f}M params | {device}")
+    eval_passes = int_list(cfg.eval_sleep_passes, "eval_sleep_passes") or [model.config.sleep_passes]
     sleep_choices = int_list(cfg.train_sleep_passes, "train_sleep_passes")
 
     def run_eval():
@@ -306,8 +339,10 @@ def train(cfg, task_overrides, log=print):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at step {step}: training stopped before the "
+                                f"update. The last good checkpoint (if any) is {ckpt_path}.")
         for opt in optimizers:
             opt.step()
         losses.append(loss.item())
@@ -344,7 +379,8 @@ def sweep(cfg, task_overrides, log=print):
     runs = []
     for n in passes:
         for seed in seeds:
-            run_cfg = dataclasses.replace(cfg, sleep_passes=n, seed=seed, sweep="", seeds="",
+            eval_passes = ",".join(str(x) for x in dict.fromkeys([n] + int_list(cfg.eval_sleep_passes, "eval_sleep_passes")))
+            run_cfg = dataclasses.replace(cfg, sleep_passes=n, seed=seed, sweep="", seeds="", eval_sleep_passes=eval_passes,
                                           out_dir=os.path.join(cfg.out_dir, f"N{n}_seed{seed}"))
             log(f"=== sweep: N={n} seed={seed} ===")
             result = train(run_cfg, task_overrides, log)
@@ -404,9 +440,6 @@ def main(argv):
         cfg, task_overrides = parse_args(argv)
         # Check the whole configuration (model and task) before any work starts.
         build_model(cfg, make_task(cfg.task, preset=cfg.preset, **task_overrides))
-        pick_device(cfg.device)
-        for name in ("sweep", "seeds", "eval_sleep_passes", "train_sleep_passes"):
-            int_list(getattr(cfg, name), name)
     except ValueError as e:
         sys.exit(f"error: {e}")
     for key, value in dataclasses.asdict(cfg).items():
@@ -418,7 +451,7 @@ def main(argv):
             sweep(cfg, task_overrides)
         else:
             train(cfg, task_overrides)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
 
