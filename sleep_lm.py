@@ -97,14 +97,15 @@ def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, chunk_size=None):
 def _delta_rule_recurrent(q, k, v, log_decay, beta, S, chunk_size=None):
     """The reference: one token at a time, exactly the equations in the docstring above."""
     outputs = []
-    for t in range(q.shape[1]):
-        S = S * log_decay[:, t].exp()[..., None, None]                   # (B, H, Dk, Dv)
-        k_t = k[:, t]                                                     # (B, H, Dk)
+    # Unbind once: indexing x[:, t] inside the loop would make backward write a full-size gradient
+    # per token (quadratic in T).
+    for q_t, k_t, v_t, g_t, beta_t in zip(*(x.unbind(1) for x in (q, k, v, log_decay, beta))):
+        S = S * g_t.exp()[..., None, None]                                # (B, H, Dk, Dv)
         # S^T x as the row product x^T S: (B, H, 1, Dk) @ (B, H, Dk, Dv). Twice as fast as einsum
         # here, which matters because this loop is also the one-token (decoding) path.
-        error = beta[:, t, :, None] * (v[:, t] - (k_t[..., None, :] @ S).squeeze(-2))
+        error = beta_t[..., None] * (v_t - (k_t[..., None, :] @ S).squeeze(-2))
         S = S + k_t[..., :, None] * error[..., None, :]
-        outputs.append((q[:, t, :, None, :] @ S).squeeze(-2))
+        outputs.append((q_t[..., None, :] @ S).squeeze(-2))
     return torch.stack(outputs, dim=1), S
 
 

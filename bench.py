@@ -1,0 +1,437 @@
+"""
+bench.py: how fast sleep-lm is, both halves: sleep (training through N passes) and wake (decoding).
+
+    python bench.py                     # the full table: a few minutes on a 2-core CPU
+    python bench.py --quick             # tiny sizes, seconds (a test in test_sleep_lm.py runs this)
+    python bench.py --device=cuda --json=bench.json --only=rule,wake
+
+Prints one markdown table. Every time is the median of --repeats runs after a warm-up, and every
+ratio compares numbers measured in the same run, interleaved round by round so that background load
+hits both sides alike. Float32 throughout. Nothing here is a test: timings are never asserted.
+On a CPU shared with other jobs, run with --threads=1 (or OMP_WAIT_POLICY=PASSIVE): two spinning
+OpenMP threads that must meet at every op stall whenever the scheduler parks one of them, and a run
+can then take 100x longer.
+
+What is measured:
+  1. rule     the local rule (gated_delta_rule), forward + backward, B=4 H=4 Dk=Dv=64, T = 256, 1024,
+              2048: the per-token recurrence and a row-loop chunkwise baseline (the shape of public
+              reference code, written below), each against the chunkwise form (chunk 64); the baseline
+              is checked against gated_delta_rule (max abs diff).
+  2. train    one training step (forward + backward + optimizer step) of the Rule 110 and Depo cpu
+              presets at N = 1, 2, 4, against ideal(N) = time(N=1) * (consolidated tokens * N +
+              predicted tokens) / all tokens; and the hybrid at N = 1 against an attention-only model
+              ("AAAA") of the same width and depth.
+  3. wake     ms per decoded token (SleepCache.feed of one token; median over 16 consecutive tokens)
+              at positions L, 4L, 16L, 64L for the sleeping hybrid (hard eviction, N=4) and the same
+              model with eviction "none" (full attention, growing KV cache); and the cost of one
+              sleep (N passes over a full window).
+  4. memory   peak memory allocated by one training step over 8 consolidation windows + 1 prediction
+              window at N = 1, 4, 8: full backprop, truncated (bptt_passes=1), per-window checkpointing.
+              CUDA: torch.cuda.max_memory_allocated; CPU: the allocation events recorded by
+              torch.profiler(profile_memory=True), summed in time order; MPS: n/a.
+  5. compile  the Rule 110 N=1 training step under torch.compile, where it works ("n/a" and why if not).
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from data import make_task
+from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
+
+# The cpu presets: these mirror train.py's PRESETS[(task, "cpu")] and its optimizer defaults.
+N_EMBD, N_HEAD, LAYERS = 64, 2, "AGAG"
+BATCH_SIZE = {"rule110": 128, "depo": 64}
+LEARNING_RATE, ADAMW_LR = 2e-3, 5e-4
+
+# Problem sizes of the full run and of --quick (which only checks that every row is produced).
+SIZES = {
+    "full": dict(repeats=5, rule_shape=(4, 4, 64), rule_T=(256, 1024, 2048), rule_chunk=64,
+                 train_batch=BATCH_SIZE, wake_window=64, wake_batch=8, wake_tokens=16,
+                 memory_batch=BATCH_SIZE["rule110"], memory_windows=8, compile=True),
+    "quick": dict(repeats=2, rule_shape=(1, 2, 16), rule_T=(32, 80), rule_chunk=16,
+                  train_batch={"rule110": 4, "depo": 4}, wake_window=8, wake_batch=1, wake_tokens=3,
+                  memory_batch=2, memory_windows=1, compile=False),
+}
+WAKE_POSITIONS = (1, 4, 16, 64)   # decode at positions L, 4L, 16L, 64L
+MEMORY_PASSES = (1, 4, 8)         # N for the peak-memory rows
+SECTIONS = ("rule", "train", "wake", "memory", "compile")
+
+# -----------------------------------------------------------------------------
+# Devices, timing and the table.
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def median_times(fns, device, repeats, warmup=1):
+    """Median seconds of each fn in fns (a dict), run round-robin: warmup rounds, then repeats rounds."""
+    times = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def row(section, setting, value, unit, ratio=None, ratio_of="", target=None, **extra):
+    """One table row. target: (">=" or "<=", bound) on the ratio."""
+    met = None
+    if target is not None and ratio is not None:
+        met = ratio >= target[1] if target[0] == ">=" else ratio <= target[1]
+    return dict(section=section, setting=setting, value=value, unit=unit, ratio=ratio, ratio_of=ratio_of,
+                target=target, met=met, **extra)
+
+
+def format_value(r):
+    if r["value"] is None:
+        return "n/a"
+    if r["unit"] == "ms":
+        text = f"{r['value']:.3f} ms" if r["value"] < 10 else f"{r['value']:.1f} ms"
+    elif r["unit"] == "MB":
+        text = f"{r['value']:.1f} MB"
+    else:
+        text = f"{r['value']:.1e}"
+    if "tokens_per_s" in r:
+        text += f" ({r['tokens_per_s'] / 1e3:.1f}k tok/s)"
+    return text
+
+
+def print_table(rows, header):
+    print(header)
+    print()
+    print("| section | setting | median | ratio | ratio is | target |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        target = ""
+        if r["target"] is not None:
+            verdict = "" if r["met"] is None else ": met" if r["met"] else ": MISSED"
+            target = f"{r['target'][0]} {r['target'][1]}x{verdict}"
+        setting = r["setting"] + (f" (n/a: {r['reason']})" if r.get("reason") else "")
+        print(f"| {r['section']} | {setting} | {format_value(r)} | {ratio} | {r['ratio_of']} | {target} |")
+
+# -----------------------------------------------------------------------------
+# 1. The local rule.
+
+
+def chunkwise_row_loop(q, k, v, log_decay, beta, chunk_size):
+    """Baseline: the chunkwise gated delta rule written the way public reference code writes it
+    (cf. flash-linear-attention's naive chunk_gated_delta_rule): the inverse of the unit lower
+    triangular matrix (I + diag(beta) A) is built row by row by a Python loop (forward substitution),
+    and the chunks are visited by indexing [:, :, i]. Same math and arguments as gated_delta_rule
+    (zero initial state); returns o (B, T, H, Dv) and the final state (B, H, Dk, Dv).
+    """
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    C = chunk_size
+    pad = -T % C
+    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(1, 2) for x in (q, k, v))       # (B, H, T', D)
+    log_decay, beta = (F.pad(x, (0, 0, 0, pad)).transpose(1, 2) for x in (log_decay, beta))  # (B, H, T')
+    n = q.shape[2] // C
+    k_beta, v_beta = k * beta[..., None], v * beta[..., None]
+    q, k, k_beta, v_beta = (x.reshape(B, H, n, C, -1) for x in (q, k, k_beta, v_beta))  # (B, H, n, C, D)
+    c = log_decay.reshape(B, H, n, C).cumsum(-1)
+    decay = (c[..., :, None] - c[..., None, :]).tril().exp().tril()      # e^{c_i - c_j} for j <= i
+    inverse = -((k_beta @ k.transpose(-1, -2)) * decay).tril(-1)
+    for i in range(1, C):
+        inverse[..., i, :i] = inverse[..., i, :i].clone() + (inverse[..., i, :i, None].clone()
+                                                             * inverse[..., :i, :i].clone()).sum(-2)
+    inverse = inverse + torch.eye(C, device=q.device)
+    U = inverse @ v_beta                                                  # (B, H, n, C, Dv)
+    W = inverse @ (k_beta * c.exp()[..., None])                           # (B, H, n, C, Dk)
+    scores = (q @ k.transpose(-1, -2)) * decay
+    S = q.new_zeros(B, H, Dk, Dv)
+    outputs = []
+    for i in range(n):
+        u = U[:, :, i] - W[:, :, i] @ S
+        outputs.append((q[:, :, i] * c[:, :, i, :, None].exp()) @ S + scores[:, :, i] @ u)
+        k_decayed = k[:, :, i] * (c[:, :, i, -1:] - c[:, :, i]).exp()[..., None]
+        S = c[:, :, i, -1, None, None].exp() * S + k_decayed.transpose(-1, -2) @ u
+    o = torch.stack(outputs, dim=2).reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2)  # (B, T, H, Dv)
+    return o, S
+
+
+def rule_inputs(B, T, H, D, device):
+    """Inputs as the GDN layer makes them: unit-norm k, q scaled by 1/sqrt(Dk), beta in (0, 1),
+    log_decay in (-0.5, 0]; all requiring grad."""
+    q = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1) / math.sqrt(D)
+    k = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1)
+    v = torch.randn(B, T, H, D, device=device)
+    log_decay = -0.5 * torch.rand(B, T, H, device=device)
+    beta = torch.rand(B, T, H, device=device)
+    return [x.requires_grad_() for x in (q, k, v, log_decay, beta)]
+
+
+def forward_backward(rule, inputs):
+    o, state = rule(*inputs)
+    (o.sum() + state.sum()).backward()
+    for x in inputs:
+        x.grad = None
+
+
+def bench_rule(sizes, device, repeats):
+    B, H, D = sizes["rule_shape"]
+    C = sizes["rule_chunk"]
+    rules = {
+        "recurrence": lambda q, k, v, g, b: gated_delta_rule(q, k, v, log_decay=g, beta=b),
+        "chunkwise": lambda q, k, v, g, b: gated_delta_rule(q, k, v, log_decay=g, beta=b, chunk_size=C),
+        "row-loop": lambda q, k, v, g, b: chunkwise_row_loop(q, k, v, log_decay=g, beta=b, chunk_size=C),
+    }
+    rows, max_diff = [], 0.0
+    for T in sizes["rule_T"]:
+        inputs = rule_inputs(B, T, H, D, device)
+        with torch.no_grad():
+            (o_base, s_base), (o_rule, s_rule) = rules["row-loop"](*inputs), rules["chunkwise"](*inputs)
+        max_diff = max(max_diff, (o_base - o_rule).abs().max().item(), (s_base - s_rule).abs().max().item())
+        t = median_times({name: lambda r=r: forward_backward(r, inputs) for name, r in rules.items()},
+                         device, repeats)
+        last = T == sizes["rule_T"][-1]
+        setting = f"T={T} B={B} H={H} Dk=Dv={D}, fwd+bwd"
+        rows.append(row("rule", f"{setting}: chunkwise form (chunk {C})", t["chunkwise"] * 1e3, "ms"))
+        rows.append(row("rule", f"{setting}: per-token recurrence", t["recurrence"] * 1e3, "ms",
+                        t["recurrence"] / t["chunkwise"], "recurrence / chunkwise", (">=", 20) if last else None))
+        rows.append(row("rule", f"{setting}: row-loop chunkwise baseline", t["row-loop"] * 1e3, "ms",
+                        t["row-loop"] / t["chunkwise"], "baseline / chunkwise", (">=", 1.5) if last else None))
+    if not max_diff < 1e-4:
+        raise RuntimeError(f"the row-loop baseline disagrees with gated_delta_rule: max abs diff {max_diff:.2e}")
+    rows.append(row("rule", "row-loop baseline vs gated_delta_rule (o and final state), max abs diff",
+                    max_diff, "abs diff"))
+    return rows
+
+# -----------------------------------------------------------------------------
+# 2. Training steps.
+
+
+def preset_model(vocab_size, window, device, layers=LAYERS, **config):
+    torch.manual_seed(0)
+    model = SleepLM(SleepLMConfig(vocab_size=vocab_size, n_embd=N_EMBD, n_head=N_HEAD, layers=layers,
+                                  window=window, **config))
+    return model.to(device)
+
+
+def training_step(model, idx, targets, forward=None):
+    """A closure running one training step: forward + backward + every optimizer's step."""
+    forward = model if forward is None else forward
+    optimizers = model.configure_optimizers(learning_rate=LEARNING_RATE, adamw_lr=ADAMW_LR)
+
+    def step():
+        _, loss = forward(idx, targets)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def token_split(targets, window):
+    """(consolidated, predicted) tokens per sequence; a window is consolidated iff all its targets are
+    -1 across the batch, as SleepLM.forward decides."""
+    T = targets.shape[1]
+    consolidated = sum(min(window, T - start) for start in range(0, T, window)
+                       if bool((targets[:, start:start + window] < 0).all()))
+    return consolidated, T - consolidated
+
+
+def bench_train(sizes, device, repeats):
+    rows = []
+    for name in ("rule110", "depo"):
+        task = make_task(name, preset="cpu")
+        B = sizes["train_batch"][name]
+        idx, targets, _ = task.train_batch(B, 0)
+        idx, targets = idx.to(device), targets.to(device)
+        consolidated, predicted = token_split(targets, task.window)
+        steps = {f"N={n}": training_step(preset_model(task.vocab_size, task.window, device, sleep_passes=n),
+                                         idx, targets) for n in (1, 2, 4)}
+        steps["AAAA"] = training_step(preset_model(task.vocab_size, task.window, device, layers="AAAA"), idx, targets)
+        t = median_times(steps, device, repeats, warmup=2)   # the first step also allocates optimizer state
+        layout = (f"{name} cpu preset, B={B} T={task.seq_len} L={task.window} "
+                  f"({consolidated} consolidated + {predicted} predicted tokens)")
+        for n in (1, 2, 4):
+            ideal = t["N=1"] * (consolidated * n + predicted) / (consolidated + predicted)
+            rows.append(row("train", f"{layout}, {LAYERS} N={n}", t[f"N={n}"] * 1e3, "ms", t[f"N={n}"] / ideal,
+                            f"time / ideal({n})", ("<=", 1.2) if n == 4 else None,
+                            tokens_per_s=B * task.seq_len / t[f"N={n}"]))
+        rows.append(row("train", f"{layout}, attention-only AAAA N=1", t["AAAA"] * 1e3, "ms", t["N=1"] / t["AAAA"],
+                        f"{LAYERS} N=1 / AAAA", ("<=", 1.5), tokens_per_s=B * task.seq_len / t["AAAA"]))
+    return rows
+
+# -----------------------------------------------------------------------------
+# 3. Wake latency.
+
+
+@torch.no_grad()
+def bench_wake(sizes, device, repeats):
+    L, B, n_tokens = sizes["wake_window"], sizes["wake_batch"], sizes["wake_tokens"]
+    vocab_size = 32
+    assert n_tokens + 1 < L, "the timed tokens must fit in one window, so that no sleep fires among them"
+    rows = []
+    for eviction in ("hard", "none"):
+        model = preset_model(vocab_size, L, device, sleep_passes=4, eviction=eviction).eval()
+        feeds = {}
+        for multiple in WAKE_POSITIONS:
+            cache = SleepCache(model, B)
+            cache.feed(torch.randint(0, vocab_size, (B, multiple * L), device=device))
+            tokens = iter(torch.randint(0, vocab_size, (n_tokens + 1, B, 1), device=device))
+            feeds[multiple] = lambda cache=cache, tokens=tokens: cache.feed(next(tokens))
+        t = median_times(feeds, device, repeats=n_tokens, warmup=1)
+        kind = "sleeping hybrid (hard eviction, N=4)" if eviction == "hard" else "full attention (eviction none)"
+        for multiple in WAKE_POSITIONS:
+            position = "L" if multiple == 1 else f"{multiple}L"
+            rows.append(row("wake", f"{kind}, L={L} B={B}: one token at position {position}", t[multiple] * 1e3, "ms",
+                            t[multiple] / t[1], "/ position L",
+                            ("<=", 1.15) if eviction == "hard" and multiple == WAKE_POSITIONS[-1] else None))
+        if eviction == "hard":   # one sleep: N passes over a full window, i.e. feed L tokens at a window boundary
+            cache = SleepCache(model, B)
+            windows = iter(torch.randint(0, vocab_size, (repeats + 1, B, L), device=device))
+            sleep = median_times({"sleep": lambda: cache.feed(next(windows))}, device, repeats)["sleep"]
+            rows.append(row("wake", f"{kind}, L={L} B={B}: one sleep (4 passes over a window of L tokens, then evict)",
+                            sleep * 1e3, "ms", sleep / (L * t[1]), "sleep / (L x one-token wake)"))
+    return rows
+
+# -----------------------------------------------------------------------------
+# 4. Peak memory.
+
+
+def peak_memory_mb(step, device):
+    """Peak memory allocated while step() runs, above what was allocated before it, in MB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:   # + bytes on allocation, - bytes on free
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def bench_memory(sizes, device):
+    if device.type not in ("cpu", "cuda"):
+        return [row("memory", "peak memory of a training step", None, "MB", reason=f"no peak counter on {device.type}")]
+    task = make_task("rule110", preset="cpu")
+    L, B = task.window, sizes["memory_batch"]
+    windows = sizes["memory_windows"]   # consolidation windows before the prediction window
+    T = (windows + 1) * L
+    idx = torch.randint(0, task.vocab_size, (B, T), device=device)
+    targets = torch.full_like(idx, -1)
+    targets[:, -L:] = torch.randint(0, task.vocab_size, (B, L), device=device)   # only the last window predicts
+    methods = {"full backprop": {}, "truncated (bptt_passes=1)": dict(bptt_passes=1),
+               "checkpointing (checkpoint_windows)": dict(checkpoint_windows=True)}
+    rows, base = [], None
+    for n in MEMORY_PASSES:
+        for method, config in methods.items():
+            step = training_step(preset_model(task.vocab_size, L, device, sleep_passes=n, **config), idx, targets)
+            step()   # allocates the optimizer state, which is then not counted
+            mb = peak_memory_mb(step, device)
+            base = base or mb
+            bounded = n == MEMORY_PASSES[-1] and method != "full backprop"
+            rows.append(row("memory", f"{windows} + 1 windows of L={L}, B={B}, N={n}: {method}", mb, "MB",
+                            mb / base, "/ full backprop N=1", ("<=", 1.5) if bounded else None))
+    return rows
+
+# -----------------------------------------------------------------------------
+# 5. torch.compile.
+
+
+def bench_compile(sizes, device, repeats):
+    task = make_task("rule110", preset="cpu")
+    B = sizes["train_batch"]["rule110"]
+    idx, targets, _ = task.train_batch(B, 0)
+    idx, targets = idx.to(device), targets.to(device)
+    setting = f"rule110 cpu preset, B={B}, {LAYERS} N=1 training step under torch.compile"
+    if not sizes["compile"]:
+        return [row("compile", setting, None, "ms", reason="skipped under --quick: compiling takes minutes")]
+    try:
+        eager = preset_model(task.vocab_size, task.window, device)
+        compiled = preset_model(task.vocab_size, task.window, device)
+        steps = {"eager": training_step(eager, idx, targets),
+                 "compiled": training_step(compiled, idx, targets, forward=torch.compile(compiled))}
+        t = median_times(steps, device, repeats, warmup=2)
+    except Exception as e:  # compile support varies by platform: report, do not fail the benchmark
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        return [row("compile", setting, None, "ms", reason=reason)]
+    return [row("compile", setting, t["compiled"] * 1e3, "ms", t["compiled"] / t["eager"], "compiled / eager",
+                tokens_per_s=B * task.seq_len / t["compiled"])]
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats: checks that every row runs")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 5, quick 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    sections = args.only.split(",")
+    if set(sections) - set(SECTIONS):
+        parser.error(f"--only takes a comma list of {', '.join(SECTIONS)}, got {args.only!r}")
+    device = pick_device(args.device)
+    sizes = SIZES["quick" if args.quick else "full"]
+    repeats = args.repeats or sizes["repeats"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)   # exp-decay products go denormal; they make CPU math ~20x slower
+
+    started = time.perf_counter()
+    rows = []
+    for section in sections:
+        print(f"bench: {section} ...", file=sys.stderr, flush=True)
+        if section == "rule":
+            rows += bench_rule(sizes, device, repeats)
+        elif section == "train":
+            rows += bench_train(sizes, device, repeats)
+        elif section == "wake":
+            rows += bench_wake(sizes, device, repeats)
+        elif section == "memory":
+            rows += bench_memory(sizes, device)
+        elif section == "compile":
+            rows += bench_compile(sizes, device, repeats)
+    wall = time.perf_counter() - started
+    if args.quick:   # tiny sizes: the targets do not apply
+        for r in rows:
+            r["met"] = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    header = (f"sleep-lm bench{' (--quick)' if args.quick else ''}: device {name}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, float32, median of {repeats}, {wall:.0f} s")
+    print_table(rows, header)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(header=header, device=str(device), torch=torch.__version__,
+                           threads=torch.get_num_threads(), wall_s=wall, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
