@@ -15,7 +15,7 @@ is kept. Prediction ("wake") is one ordinary forward pass, so wake-time cost doe
 Read in this order:
   1. gated_delta_rule       the local rule: per-token reference and the exact chunkwise-parallel form
   2. Attention, GatedDeltaNet, MLP, Block
-  3. SleepLM.forward        Algorithm 1 of the paper (chunks, consolidation passes, eviction)
+  3. SleepLM.forward        Algorithm 1 of the paper (windows, consolidation passes, eviction)
   4. SleepCache             the streaming state (KV, conv windows, S) with wake / sleep / evict
 
 Shape letters:
