@@ -316,9 +316,12 @@ def train(cfg, task_overrides, log=print):
             log(f"eval step {step} N={n} | {format_eval(task, res)}")
         return evals
 
-    if cfg.eval_only:
+    def summary(final):
         return dict(config=dataclasses.asdict(cfg), task=task.params, losses=losses, history=history,
-                    final={n: res for n, res in run_eval().items()}, elapsed=elapsed)
+                    final=final, elapsed=elapsed)
+
+    if cfg.eval_only:
+        return summary(run_eval())
 
     model_for_step = torch.compile(model) if cfg.compile else model
     tokens_per_step = cfg.batch_size * task.seq_len
@@ -363,8 +366,7 @@ def train(cfg, task_overrides, log=print):
                             task=task.params, step=step, history=history, losses=losses, elapsed=elapsed,
                             rng_state=torch.get_rng_state())
     final = history[-1]["eval"] if history else {}
-    return dict(config=dataclasses.asdict(cfg), task=task.params, losses=losses, history=history,
-                final={int(n): r for n, r in final.items()}, elapsed=elapsed)
+    return summary({int(n): r for n, r in final.items()})
 
 
 # -----------------------------------------------------------------------------
