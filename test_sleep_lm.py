@@ -733,6 +733,23 @@ def test_resume_gives_bitwise_the_same_next_losses(tmp_path, monkeypatch):
     assert resumed == uninterrupted                      # float equality: bitwise the same run
 
 
+def test_sweep_tables_every_run_and_collects_finished_runs_without_retraining(tmp_path, monkeypatch):
+    cfg, overrides = smoke_config(tmp_path, "--sweep=1,2", "--seeds=0")
+    first = train.sweep(cfg, overrides, log=lambda *a: None)
+    assert [(r["sleep_passes"], r["seed"], r["steps"]) for r in first] == [(1, 0, 4), (2, 0, 4)]
+    # seed 1 in another process (here: another call), then one call collects all four runs
+    train.sweep(dataclasses.replace(cfg, seeds="1"), overrides, log=lambda *a: None)
+    task_class = type(train.make_task(cfg.task))
+    monkeypatch.setattr(task_class, "train_batch", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    runs = train.sweep(dataclasses.replace(cfg, seeds="0,1"), overrides, log=lambda *a: None)
+    assert [(r["sleep_passes"], r["seed"]) for r in runs] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert runs[0]["final"] == first[0]["final"] and runs[2]["final"] == first[1]["final"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["runs"]) == 4
+    table = (tmp_path / "results.md").read_text()
+    assert re.search(r"^\| 1 \| .* \| 2 \| ", table, re.M) and re.search(r"^\| 2 \| ", table, re.M)
+
+
 def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     cfg, overrides = smoke_config(tmp_path)
     real_forward = SleepLM.forward

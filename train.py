@@ -384,8 +384,11 @@ def sweep(cfg, task_overrides, log=print):
             eval_passes = ",".join(str(x) for x in dict.fromkeys([n] + int_list(cfg.eval_sleep_passes, "eval_sleep_passes")))
             run_cfg = dataclasses.replace(cfg, sleep_passes=n, seed=seed, sweep="", seeds="", eval_sleep_passes=eval_passes,
                                           out_dir=os.path.join(cfg.out_dir, f"N{n}_seed{seed}"))
-            log(f"=== sweep: N={n} seed={seed} ===")
-            result = train(run_cfg, task_overrides, log)
+            # A run whose checkpoint is already there is resumed (a finished one is only loaded), so the
+            # runs of a sweep can be spread over processes and collected by one more call of the sweep.
+            done = os.path.exists(os.path.join(run_cfg.out_dir, "ckpt.pt"))
+            log(f"=== sweep: N={n} seed={seed}{' (resuming from its checkpoint)' if done else ''} ===")
+            result = train(dataclasses.replace(run_cfg, resume=done), task_overrides, log)
             runs.append(dict(sleep_passes=n, seed=seed, final=result["final"][n], history=result["history"],
                              elapsed=result["elapsed"], steps=len(result["losses"])))
     table = results_table(task, runs)
