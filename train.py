@@ -430,10 +430,14 @@ def plot(task, runs, path, log):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for n in sorted({r["sleep_passes"] for r in runs}):
         mine = [r for r in runs if r["sleep_passes"] == n]
-        means = [sum(r["final"][lv][task.metric] for r in mine) / len(mine) for lv in task.levels]
-        ax.plot(task.levels, means, marker="o", label=f"N = {n}")
+        values = torch.tensor([[r["final"][lv][task.metric] for lv in task.levels] for r in mine])
+        spread = values.std(dim=0) if len(mine) > 1 else torch.zeros(len(task.levels))
+        ax.errorbar(task.levels, values.mean(dim=0), yerr=spread, marker="o", capsize=3,
+                    label=f"N = {n} ({len(mine)} seed{'s' if len(mine) > 1 else ''}, mean ± std)")
+    ax.set_xticks(list(task.levels))
     ax.set_xlabel(task.level_name)
     ax.set_ylabel(f"accuracy ({task.metric})")
+    ax.set_title(f"{task.name} ({task.preset} preset)")
     ax.set_ylim(0, 1.02)
     ax.legend()
     fig.tight_layout()
