@@ -792,7 +792,7 @@ def test_eval_only_rebuilds_the_checkpoints_model_and_evaluates_other_n(tmp_path
 def test_resume_refuses_different_model_settings(tmp_path):
     cfg, overrides = smoke_config(tmp_path)
     train.train(cfg, overrides, log=lambda *a: None)
-    cfg, overrides = smoke_config(tmp_path, "--resume", "--layers=AG")
+    cfg, overrides = smoke_config(tmp_path, "--resume", "--layers=GA")
     with pytest.raises(ValueError, match="layers"):
         train.train(cfg, overrides, log=lambda *a: None)
 
