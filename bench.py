@@ -46,7 +46,8 @@ from torch.profiler import ProfilerActivity, profile
 from data import make_task
 from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
 
-# The cpu presets: these mirror train.py's PRESETS[(task, "cpu")] and its optimizer defaults.
+# Width, batch sizes and optimizer of train.py's PRESETS[(task, "cpu")], with the paper's 4-layer AGAG
+# stack (the cpu training presets use 2 layers, AG) so that "hybrid vs attention-only" compares 4 layers.
 N_EMBD, N_HEAD, LAYERS = 64, 2, "AGAG"
 BATCH_SIZE = {"rule110": 128, "depo": 64}
 LEARNING_RATE, ADAMW_LR = 2e-3, 5e-4
