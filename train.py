@@ -403,17 +403,23 @@ def sweep(cfg, task_overrides, log=print):
     return runs
 
 
+def accuracy_over_seeds(task, runs):
+    """{N: (runs of that N, mean per level, std per level over seeds; zeros for a single seed)}."""
+    stats = {}
+    for n in sorted({r["sleep_passes"] for r in runs}):
+        mine = [r for r in runs if r["sleep_passes"] == n]
+        values = torch.tensor([[r["final"][lv][task.metric] for lv in task.levels] for r in mine])
+        spread = values.std(dim=0) if len(mine) > 1 else torch.zeros(len(task.levels))
+        stats[n] = (mine, values.mean(dim=0), spread)
+    return stats
+
+
 def results_table(task, runs):
     """Markdown: one row per N, accuracy per level (mean +- std over seeds), wall time per run."""
     lines = [f"| N | {' | '.join(f'{task.level_name}={lv}' for lv in task.levels)} | seeds | minutes/run |",
              "|---" * (len(task.levels) + 3) + "|"]
-    for n in sorted({r["sleep_passes"] for r in runs}):
-        mine = [r for r in runs if r["sleep_passes"] == n]
-        cells = []
-        for level in task.levels:
-            values = torch.tensor([r["final"][level][task.metric] for r in mine])
-            spread = f" ± {values.std().item():.3f}" if len(values) > 1 else ""
-            cells.append(f"{values.mean().item():.3f}{spread}")
+    for n, (mine, mean, spread) in accuracy_over_seeds(task, runs).items():
+        cells = [f"{m:.3f}" + (f" ± {s:.3f}" if len(mine) > 1 else "") for m, s in zip(mean.tolist(), spread.tolist())]
         minutes = sum(r["elapsed"] for r in mine) / len(mine) / 60
         lines.append(f"| {n} | {' | '.join(cells)} | {len(mine)} | {minutes:.1f} |")
     return "\n".join(lines)
@@ -428,11 +434,8 @@ def plot(task, runs, path, log):
         log("matplotlib not installed: no plot")
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for n in sorted({r["sleep_passes"] for r in runs}):
-        mine = [r for r in runs if r["sleep_passes"] == n]
-        values = torch.tensor([[r["final"][lv][task.metric] for lv in task.levels] for r in mine])
-        spread = values.std(dim=0) if len(mine) > 1 else torch.zeros(len(task.levels))
-        ax.errorbar(task.levels, values.mean(dim=0), yerr=spread, marker="o", capsize=3,
+    for n, (mine, mean, spread) in accuracy_over_seeds(task, runs).items():
+        ax.errorbar(task.levels, mean, yerr=spread, marker="o", capsize=3,
                     label=f"N = {n} ({len(mine)} seed{'s' if len(mine) > 1 else ''}, mean ± std)")
     ax.set_xticks(list(task.levels))
     ax.set_xlabel(task.level_name)
