@@ -436,7 +436,7 @@ def plot(task, runs, path, log):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for n, (mine, mean, spread) in accuracy_over_seeds(task, runs).items():
         ax.errorbar(task.levels, mean, yerr=spread, marker="o", capsize=3,
-                    label=f"N = {n} ({len(mine)} seed{'s' if len(mine) > 1 else ''}, mean ± std)")
+                    label=f"N = {n} ({len(mine)} seeds, mean ± std)" if len(mine) > 1 else f"N = {n} (seed {mine[0]['seed']})")
     ax.set_xticks(list(task.levels))
     ax.set_xlabel(task.level_name)
     ax.set_ylabel(f"accuracy ({task.metric})")
