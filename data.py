@@ -342,12 +342,15 @@ class Depo(Task):
 
     Training: n in min_nodes..max_nodes with weight 1/(n + sqrt(max_nodes)), every query's hop
     uniform in 1..max_hops, difficulty = the largest hop in the example. Evaluation at level k:
-    n = max_nodes and all queries at hop k. Metric "item": the fraction of queries answered.
+    n = max_nodes and all queries at hop k. No (hop, start) pair repeats within an example (else
+    its answer would already stand, teacher-forced, in the same window): the pairs are drawn
+    without replacement, so at evaluation the starts are distinct. Metric "item": the fraction of
+    queries answered.
 
     CPU preset, decoded by `python data.py depo` (one window per line):
-        consolidate     0: <pad>*6 p -> e b -> p f -> d a -> f d -> b e -> a
-        predict        24: hop1 d = b hop2 e = f hop1 a = f
-        answers: b | f | f
+        consolidate     0: <pad>*9 a -> f b -> o o -> a f -> d d -> b
+        predict        24: hop2 a = d hop2 b = a hop2 f = b
+        answers: d | a | b
     Paper preset, a piece of the graph: ... b -> D H G w -> A c C G -> C ac A k -> b ...
     (edges b -> "D H", "G w" -> "A c", "C G" -> "C ac", "A k" -> b).
     """
@@ -376,7 +379,8 @@ class Depo(Task):
                 f"must be in 1..max_nodes={p['max_nodes']}")
         require(1 <= min(p["levels"]) and max(p["levels"]) <= p["max_nodes"], "levels", p["levels"],
                 f"every hop count must be in 1..max_nodes={p['max_nodes']}")
-        require(p["queries"] >= 1, "queries", p["queries"], "must be >= 1")
+        require(1 <= p["queries"] <= p["max_nodes"], "queries", p["queries"],
+                f"must be in 1..max_nodes={p['max_nodes']}: the queries of an example have distinct starts at one hop")
         require(p["window"] >= 1, "window", p["window"], "must be >= 1")
         require(p["graph_len"] >= p["window"] and p["graph_len"] % p["window"] == 0, "graph_len", p["graph_len"],
                 f"must be a positive multiple of window={p['window']} so the graph is evicted before the queries")
@@ -443,14 +447,16 @@ class Depo(Task):
         targets = np.full_like(idx, -1)
         difficulty = np.empty(n, dtype=np.int64)
         for row in range(n):
-            nodes = p["max_nodes"] if evaluation else int(rng.choice(self.node_counts, p=self.node_weights))
+            nodes = p["max_nodes"] if evaluation else self._draw_node_count(rng, levels)
             names = self._sample_names(rng, nodes)  # node i -> node i+1 (mod nodes)
             graph = []
             for i in rng.permutation(nodes):
                 graph += [*names[i], self.arrow_id, *names[(i + 1) % nodes]]
             idx[row, p["graph_len"] - len(graph):p["graph_len"]] = graph
-            hops = rng.choice(levels, size=p["queries"])
-            starts = rng.integers(0, nodes, size=p["queries"])
+            # Distinct (hop, start) pairs: a repeated query would find its answer teacher-forced
+            # earlier in the same window, answerable without remembering the graph.
+            pairs = rng.choice(len(levels) * nodes, size=p["queries"], replace=False)
+            hops, starts = np.asarray(levels)[pairs // nodes], pairs % nodes
             position = p["graph_len"]
             for hop, start in zip(hops, starts):
                 answer = names[(start + hop) % nodes]
@@ -461,6 +467,14 @@ class Depo(Task):
                 position += len(query)
             difficulty[row] = hops.max()
         return idx, targets, difficulty
+
+    def _draw_node_count(self, rng, levels):
+        """A training graph's n, weighted 1/(n + sqrt(max_nodes)) over the n that give at least
+        `queries` distinct (hop, start) pairs with these hop counts."""
+        enough = self.node_counts * len(levels) >= self.params["queries"]
+        require(enough.any(), "levels", levels, f"too few hop counts for {self.params['queries']} distinct queries")
+        weights = self.node_weights * enough
+        return int(rng.choice(self.node_counts, p=weights / weights.sum()))
 
     def item_index(self, targets):
         """Each query's answer is one run of consecutive target positions: number the runs."""

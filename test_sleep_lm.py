@@ -459,6 +459,17 @@ def test_depo_answers_match_walking_the_decoded_cycle(preset):
                 assert task.decode(target_row[equals:equals + len(answer)]).split() == list(answer)
             hops = [hop for hop, *_ in queries]
             assert level == max(hops) and (not is_eval or set(hops) == {level})
+            # no query repeats: its answer would already be in the window, teacher-forced
+            assert len({(hop, start) for hop, start, *_ in queries}) == len(queries)
+
+
+def test_depo_small_graphs_still_get_distinct_queries():
+    task = data.make_task("depo", "cpu", min_nodes=3, max_nodes=4, queries=4, query_len=16)
+    for tokens in rows_of(task, task.train_batch(100, step=0, levels=[1])[0]):
+        successor, queries = solve_depo(task, tokens)
+        assert len(successor) == 4 and len({(h, s) for h, s, *_ in queries}) == 4
+    with pytest.raises(ValueError, match="queries"):
+        data.make_task("depo", "cpu", queries=9)
 
 
 @pytest.mark.parametrize("rendering", ["symbolic", "realistic"])
