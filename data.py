@@ -41,8 +41,8 @@ Train / evaluation split, disjoint by construction
   EVAL_BLOCK candidates, so it is fixed, and eval_set(level, n) is a prefix of eval_set(level, m)
   for n <= m.
 
-Run `python data.py rule110` (or depo, math; add --preset paper, key=value overrides such as
-rendering=realistic) to see decoded examples window by window, and --speed to time generation.
+Run `python data.py rule110` (or depo, math; add --preset paper, overrides such as
+rendering=realistic or --rendering=realistic) to see decoded examples window by window, and --speed to time generation.
 """
 
 import argparse
@@ -50,6 +50,7 @@ import ast
 import hashlib
 import itertools
 import math
+import sys
 import time
 
 import numpy as np
@@ -776,15 +777,19 @@ def measure_speed(task, batch_size, steps=5):
           f"eval_set {eval_rate:,.0f} examples/s")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Show decoded examples of a task, or time its generation.")
     parser.add_argument("task", choices=sorted(TASKS))
-    parser.add_argument("overrides", nargs="*", help="parameter overrides as key=value, e.g. rendering=realistic")
+    parser.add_argument("overrides", nargs="*", help="parameter overrides as key=value or --key=value, e.g. rendering=realistic")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--examples", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speed", action="store_true", help="time generation at the paper's batch size")
-    args = parser.parse_intermixed_args()
+    # --key=value for a task parameter, as train.py takes it: the same as key=value
+    options = {"--preset", "--examples", "--seed", "--speed", "-h", "--help"}
+    argv = [a[2:] if a.startswith("--") and "=" in a and a.split("=")[0] not in options else a
+            for a in (sys.argv[1:] if argv is None else argv)]
+    args = parser.parse_intermixed_args(argv)
     overrides = {}
     for assignment in args.overrides:
         key, _, value = assignment.partition("=")
@@ -792,7 +797,10 @@ def main():
             overrides[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             overrides[key] = value  # a bare word such as realistic
-    task = make_task(args.task, args.preset, **overrides)
+    try:
+        task = make_task(args.task, args.preset, **overrides)
+    except ValueError as e:
+        parser.error(str(e))
     if args.speed:
         measure_speed(task, PAPER_BATCH_SIZE[args.task])
         return

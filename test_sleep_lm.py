@@ -3,11 +3,13 @@
 import dataclasses
 import json
 import math
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -600,6 +602,24 @@ def test_eval_and_train_streams_never_share_an_input(name, overrides):
         assert len(train) < 2000 and len(evaluation) < 50 * len(task.levels)
 
 
+@pytest.mark.parametrize("name", ["rule110", "depo", "math"])
+def test_the_evaluation_split_holds_one_input_in_sixteen(name):
+    task = data.make_task(name)
+    idx, _, _ = task._generate(np.random.default_rng(7), 3200, task.train_levels, evaluation=False)
+    fraction = task.in_eval_split(idx).mean()
+    assert abs(fraction - 1 / data.EVAL_BUCKETS) < 0.02, f"{fraction:.3f} of fresh inputs fall in the evaluation split"
+
+
+def test_data_cli_takes_overrides_as_key_value_and_as_flags(capsys):
+    data.main(["math", "--rendering=realistic", "--examples=1"])
+    data.main(["depo", "max_hops=1", "--examples=1"])
+    out = capsys.readouterr().out
+    assert "'rendering': 'realistic'" in out and "'max_hops': 1" in out
+    with pytest.raises(SystemExit):
+        data.main(["math", "--no_such_parameter=1"])
+    assert "no_such_parameter" in capsys.readouterr().err
+
+
 def test_train_batch_levels_restrict_the_difficulty():
     for name, levels in (("rule110", [3]), ("depo", [2, 4]), ("math", [2])):
         task = data.make_task(name, **({"max_hops": 4} if name == "depo" else {}))
@@ -803,9 +823,202 @@ def test_eval_only_rebuilds_the_checkpoints_model_and_evaluates_other_n(tmp_path
 def test_resume_refuses_different_model_settings(tmp_path):
     cfg, overrides = smoke_config(tmp_path)
     train.train(cfg, overrides, log=lambda *a: None)
-    cfg, overrides = smoke_config(tmp_path, "--resume", "--layers=GA")
-    with pytest.raises(ValueError, match="layers"):
-        train.train(cfg, overrides, log=lambda *a: None)
+    with pytest.raises(ValueError, match="--layers=GA"):        # on the command line
+        smoke_config(tmp_path, "--resume", "--layers=GA")
+    with pytest.raises(ValueError, match="layers"):             # and called directly
+        train.train(dataclasses.replace(cfg, resume=True, layers="GA"), overrides, log=lambda *a: None)
+
+
+def quiet_train(argv):
+    cfg, overrides = train.parse_args(argv)
+    return cfg, train.train(cfg, overrides, log=lambda *a: None)
+
+
+def test_resume_and_eval_only_take_the_runs_settings_from_the_checkpoint(tmp_path):
+    first, done = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--task=depo", "--seed=3", "--batch_size=6",
+                                       "--learning_rate=0.01", "--curriculum_iters=2"])
+    cfg, overrides = train.parse_args([f"--out_dir={tmp_path}", "--resume", "--max_iters=6"])   # nothing else given
+    assert dataclasses.replace(cfg, max_iters=4, resume=False) == first
+    assert overrides == done["task"]
+    extended = train.train(cfg, overrides, log=lambda *a: None)
+    assert len(extended["losses"]) == 6 and extended["losses"][:4] == done["losses"]
+    for flag in ("--learning_rate=0.1", "--adamw_lr=0.1", "--weight_decay=0.1", "--seed=0", "--task=rule110",
+                 "--batch_size=4", "--max_hops=1"):
+        with pytest.raises(ValueError, match=flag.split("=")[0]):
+            train.parse_args([f"--out_dir={tmp_path}", "--resume", flag])
+    with pytest.raises(ValueError, match="max_iters"):
+        train.parse_args([f"--out_dir={tmp_path}", "--resume", "--max_iters=2"])
+    cfg, _ = train.parse_args([f"--out_dir={tmp_path}", "--eval_only", "--eval_sleep_passes=1,2", "--eval_examples=4"])
+    assert (cfg.task, cfg.seed, cfg.batch_size, cfg.eval_sleep_passes, cfg.eval_examples) == ("depo", 3, 6, "1,2", 4)
+
+
+def test_a_new_run_refuses_to_overwrite_a_checkpoint(tmp_path):
+    quiet_train(SMOKE + [f"--out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="already holds a run"):
+        quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--task=depo"])
+
+
+def test_an_unreadable_checkpoint_is_named_in_the_error(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "ckpt.pt"))):
+        train.parse_args([f"--out_dir={tmp_path}", "--resume"])
+
+
+def test_default_output_folders_name_the_task_preset_and_every_changed_setting():
+    def out_dir(*argv):
+        return train.parse_args(list(argv))[0].out_dir
+    assert out_dir("--task=depo") == os.path.join("out", "depo-cpu", "N4_seed0")
+    assert out_dir("--task=depo", "--preset=paper", "--sleep_passes=2", "--seed=1") == os.path.join("out", "depo-paper", "N2_seed1")
+    assert out_dir("--layers=AA") == os.path.join("out", "rule110-cpu", "N1_seed0_layers=AA")
+    assert out_dir("--sleep_passes=1", "--max_iters=13000", "--t_max=6") == \
+        os.path.join("out", "rule110-cpu", "N1_seed0_max_iters=13000_t_max=6")
+    assert out_dir("--sweep=1,4", "--seeds=0,1") == os.path.join("out", "rule110-cpu", "sweep")
+    assert out_dir("--eval_interval=10", "--device=cpu") == out_dir()   # run control is not in the name
+
+
+def test_readme_training_commands_never_share_an_output_folder():
+    readme = (HERE / "README.md").read_text()
+    commands = re.findall(r"^python train\.py (.*?)(?:\s+#.*)?$", readme, re.M)
+    folders = {}
+    for line in commands:
+        argv = line.split()
+        if {"--resume", "--eval_only", "--help"} & {a.split("=")[0] for a in argv}:
+            continue
+        folder = train.parse_args(argv)[0].out_dir
+        assert folders.setdefault(folder, line) == line, f"{line!r} and {folders[folder]!r} both write {folder}"
+    assert len(folders) >= 5
+
+
+def test_a_sweep_refuses_a_checkpoint_of_another_task(tmp_path):
+    cfg, overrides = smoke_config(tmp_path, "--sweep=2")
+    train.sweep(cfg, overrides, log=lambda *a: None)
+    cfg, overrides = smoke_config(tmp_path, "--sweep=2", "--task=depo")
+    with pytest.raises(ValueError, match="holds another run.*task"):
+        train.sweep(cfg, overrides, log=lambda *a: None)
+
+
+def test_the_saved_n_is_a_trained_one_and_baselines_run_with_the_n_they_need():
+    assert train.parse_args(["--train_sleep_passes=1,2"])[0].sleep_passes == 2
+    assert train.parse_args(["--train_sleep_passes=1,2", "--sleep_passes=1"])[0].sleep_passes == 1
+    with pytest.raises(ValueError, match="--sleep_passes=4 is not among"):
+        train.parse_args(["--train_sleep_passes=1,2", "--sleep_passes=4"])
+    assert train.parse_args(["--layers=AA"])[0].sleep_passes == 1              # nothing to sleep into
+    assert train.parse_args(["--eviction=none"])[0].sleep_passes == 1          # no windows
+    assert train.parse_args(["--layers=AG"])[0].sleep_passes == 4
+    with pytest.raises(ValueError, match="nothing sleeps"):
+        train.parse_args(["--layers=AA", "--sweep=1,4"])
+
+
+def test_help_documents_every_setting_and_the_tasks_parameters(capsys):
+    train.main(["--task=depo", "--help"])
+    out = capsys.readouterr().out
+    for field in dataclasses.fields(train.TrainConfig):
+        line = re.search(rf"^  --{field.name}=\S*\s+(.+)$", out, re.M)
+        assert line and len(line.group(1)) > 10, f"--help does not explain --{field.name}"
+    assert re.search(r"^  --batch_size=64 ", out, re.M)                        # depo's preset value
+    for key in train.make_task("depo").params:
+        assert re.search(rf"^  --{key}=", out, re.M)
+    train.main(["-h"])
+    assert "--sleep_passes=4" in capsys.readouterr().out
+
+
+def test_lr_multiplier_warms_up_from_above_zero_then_decays_to_the_floor():
+    cfg = train.TrainConfig(warmup_iters=10, max_iters=110, min_lr_frac=0.1)
+    values = [train.lr_multiplier(step, cfg) for step in range(111)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0) and values[10] == pytest.approx(1.0)
+    assert values[60] == pytest.approx(0.55) and values[110] == pytest.approx(0.1)
+    assert all(a < b for a, b in zip(values[:10], values[1:10])) and all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def losses_and_grad_norms(tmp_path, *extra):
+    """Per-step losses and gradient norms (from the log) of a 3-step smoke run."""
+    lines = []
+    cfg, overrides = smoke_config(tmp_path, "--max_iters=3", "--eval_interval=3", "--log_interval=1", *extra)
+    train.train(cfg, overrides, log=lines.append)
+    return grad_norms_and_losses("\n".join(lines))
+
+
+def grad_norms_and_losses(log_text):
+    pairs = re.findall(r"loss (\S+) \| grad norm (\S+) ", log_text)
+    return torch.tensor([[float(x) for x in pair] for pair in pairs], dtype=torch.float64)
+
+
+def assert_same_training(a, b, rtol):
+    assert a.shape == b.shape == (3, 2)
+    assert_close(b, a, rtol=rtol, atol=0, what="(loss, gradient norm) per step")
+
+
+@pytest.mark.parametrize("task", ["depo", "math"])
+def test_gradient_accumulation_gives_the_same_update(tmp_path, task):
+    one = losses_and_grad_norms(tmp_path / "k1", f"--task={task}")
+    two = losses_and_grad_norms(tmp_path / "k2", f"--task={task}", "--gradient_accumulation_steps=2")
+    assert_same_training(one, two, rtol=1e-4)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        train.parse_args(["--batch_size=5", "--gradient_accumulation_steps=2"])
+
+
+def test_worker_processes_make_exactly_the_in_loop_batches(tmp_path):
+    cfg, _ = smoke_config(tmp_path, "--task=depo", "--curriculum_iters=3")
+    dataset = train.StepBatches(train.make_task("depo"), cfg)
+    in_loop = list(train.step_batches(dataset, 1, num_workers=0, pin_memory=False))
+    ahead = list(train.step_batches(dataset, 1, num_workers=2, pin_memory=False))
+    assert len(in_loop) == len(ahead) == cfg.max_iters - 1
+    for (x0, y0, n0), (x1, y1, n1) in zip(in_loop, ahead):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1) and n0 == n1
+    plain = losses_and_grad_norms(tmp_path / "w0", "--num_workers=0")
+    workers = losses_and_grad_norms(tmp_path / "w2", "--num_workers=2")
+    assert_same_training(plain, workers, rtol=0)
+
+
+def test_torchrun_with_two_processes_trains_like_one(tmp_path):
+    single = losses_and_grad_norms(tmp_path / "one", "--device=cpu")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *SMOKE, "--max_iters=3", "--eval_interval=3", "--log_interval=1", "--device=cpu",
+                           f"--out_dir={tmp_path / 'two'}"], cwd=HERE, env=env, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("step 2/3") == 1, "only rank 0 logs"
+    assert_same_training(single, grad_norms_and_losses(done.stdout), rtol=1e-4)
+    assert (tmp_path / "two" / "ckpt.pt").exists()
+
+
+def test_ssm_warmup_trains_only_the_gdn_blocks_under_hard_eviction(tmp_path, monkeypatch):
+    evictions = []
+    real_forward = SleepLM.forward
+
+    def recording(self, idx, targets=None, **kwargs):
+        if self.training:
+            evictions.append(kwargs.get("eviction"))
+        return real_forward(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(SleepLM, "forward", recording)
+    cfg, result = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--max_iters=3", "--eval_interval=3",
+                                       "--eviction=sliding", "--layers=AG", "--ssm_warmup_iters=2"])
+    assert evictions == ["hard", "hard", None]          # None: the configured (sliding) eviction
+    torch.manual_seed(cfg.seed)
+    initial = train.build_model(cfg, train.make_task(cfg.task)).state_dict()
+    trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+    cfg, _ = quiet_train(SMOKE + [f"--out_dir={tmp_path / 'warm'}", "--max_iters=2", "--eval_interval=2",
+                                  "--layers=AG", "--ssm_warmup_iters=2"])
+    warm = torch.load(tmp_path / "warm" / "ckpt.pt", weights_only=False)["model"]
+    for name, w in initial.items():
+        changed = not torch.equal(warm[name], w)
+        assert changed == name.startswith("blocks.1."), f"{name} {'changed' if changed else 'did not change'}"
+    for name in ("wte.weight", "lm_head.weight", "blocks.0.mixer.proj.weight"):   # the zero-init proj first
+        assert not torch.equal(trained[name], initial[name]), f"{name} did not train after the warm-up"
+
+
+def test_init_from_loads_the_weights_only_and_refuses_another_model(tmp_path):
+    quiet_train(SMOKE + [f"--out_dir={tmp_path / 'n1'}", "--sleep_passes=1"])
+    source = torch.load(tmp_path / "n1" / "ckpt.pt", weights_only=False)["model"]
+    cfg, result = quiet_train(SMOKE + [f"--out_dir={tmp_path / 'n2'}", f"--init_from={tmp_path / 'n1'}",
+                                       "--learning_rate=0", "--adamw_lr=0", "--max_iters=2", "--eval_interval=2"])
+    loaded = torch.load(tmp_path / "n2" / "ckpt.pt", weights_only=False)
+    assert loaded["step"] == 2 and loaded["model_config"]["sleep_passes"] == 2
+    for name, w in source.items():
+        assert torch.equal(loaded["model"][name], w), name        # lr 0: still exactly the source weights
+    with pytest.raises(ValueError, match="init_from"):
+        quiet_train(SMOKE + [f"--out_dir={tmp_path / 'other'}", f"--init_from={tmp_path / 'n1'}", "--layers=AGAG"])
 
 
 def test_main_refuses_bad_model_settings_before_training(capsys):

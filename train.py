@@ -4,10 +4,18 @@ Train and evaluate the sleeping hybrid on Rule 110, Depo or math.
     python train.py --task=rule110                      # cpu preset: a laptop CPU, minutes
     python train.py --task=depo --preset=paper          # paper scale: one GPU
     python train.py --task=rule110 --sweep=1,4 --seeds=0,1,2   # one model per N (and seed), a results table
-    python train.py --task=rule110 --eval_only --eval_sleep_passes=1,2,4,8   # evaluate out_dir/ckpt.pt
+    python train.py --task=rule110 --eval_only --eval_sleep_passes=1,2,4,8   # evaluate that run's ckpt.pt
+    torchrun --standalone --nproc_per_node=2 train.py --task=depo --preset=paper   # several GPUs (DDP)
+    python train.py --help                              # every setting, its default and meaning
 
 Every setting below can be overridden with --key=value (booleans also as a bare --key), and so can
 every parameter of the task (see `python data.py TASK`), e.g. --t_max=12. Settings are printed at start.
+
+Outputs: each run writes out/<task>-<preset>/<run name>/ckpt.pt, where the run name is N<n>_seed<s>
+followed by every training setting that differs from the preset (N1_seed0_layers=AA); a sweep writes
+out/<task>-<preset>/sweep<...>/ with one such folder per run and results.md/.json/.png. --out_dir
+chooses another folder. A run refuses to overwrite a checkpoint: --resume continues it (its settings
+come from the checkpoint; a larger --max_iters extends it), --eval_only evaluates it.
 
 Optimiser (as in the paper): Muon for the 2-D hidden matrices at learning_rate, AdamW for the
 embedding, the head, norm gains, GDN gates (a_proj, b_proj, A_log, dt_bias) and conv weights at
@@ -16,18 +24,26 @@ applies to matrices only. Schedule: linear warm-up over warmup_iters, then cosin
 min_lr_frac x the peak, for both optimisers. Gradients are clipped to grad_clip (global norm).
 
 The data order is a pure function of (seed, step): runs at different N see the same batches, and a
-resumed run sees what the uninterrupted one would have.
+resumed run sees what the uninterrupted one would have. Batches can be made ahead of the step by
+worker processes (--num_workers); gradient accumulation and several GPUs split the same global batch
+(each micro-batch's loss weighted by its share of the batch's answer tokens), so they change the
+update only up to float rounding.
 """
 
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import make_task
 from sleep_lm import SleepLM, SleepLMConfig
@@ -36,46 +52,56 @@ from sleep_lm import SleepLM, SleepLMConfig
 @dataclass
 class TrainConfig:
     task: str = "rule110"            # rule110, depo or math
-    preset: str = "cpu"              # cpu (minutes on a laptop) or paper (one GPU, paper scale)
+    preset: str = "cpu"              # cpu (minutes on a laptop CPU) or paper (the paper's scale, one GPU)
     seed: int = 0                    # model init and data order
     # model
-    n_embd: int = 64
-    n_head: int = 2
-    layers: str = "AGAG"
-    layer_repeat: int = 1            # repeat the layer pattern: --sleep_passes=1 --layer_repeat=4 is the compute-matched baseline
-    sleep_passes: int = 4            # N (the window L is the task's: --width for rule110, --window for depo and math)
-    eviction: str = "hard"
-    bptt_passes: int = 0             # 0 = full backprop; K = only the last K passes carry gradient
-    checkpoint_windows: bool = False
+    n_embd: int = 64                 # model width
+    n_head: int = 2                  # heads of every attention and GDN mixer
+    layers: str = "AGAG"             # one letter per block: A causal attention, G Gated DeltaNet
+    layer_repeat: int = 1            # repeat the layer pattern (--sleep_passes=1 --layer_repeat=4: the compute-matched baseline)
+    sleep_passes: int = 4            # N, passes over each full window (1 = no sleep); the window L is the task's
+    eviction: str = "hard"           # what crosses a window boundary: hard (only S), sliding (S + the last L-1 tokens), none (no windows)
+    bptt_passes: int = 0             # 0 = full backprop; K = backprop through the last K passes (straight through the others)
+    checkpoint_windows: bool = False  # recompute each window's passes in backward: less memory, more time
     input_injection: bool = False    # add the embeddings before every sleep pass (not in Algorithm 1)
-    # training levers (see the README's "Making sleep train at small scale")
-    train_sleep_passes: str = ""     # comma list: draw N per step from it (seeded by step); "" = always sleep_passes
+    # training levers (see the README's "Making sleep pay off at small scale")
+    train_sleep_passes: str = ""     # comma list: draw N per step from it (seeded by step); saved and evaluated at the largest
     curriculum_iters: int = 0        # raise the hardest training level linearly from the easiest to the hardest over these steps
+    ssm_warmup_iters: int = 0        # the first K steps train only the G blocks, under hard eviction (the paper's sec. 6.4)
+    init_from: str = ""              # a run folder: start from the weights of its ckpt.pt (not its optimiser or step)
     # optimisation
-    optimizer: str = "muon"          # muon (matrices) + adamw (the rest), or adamw
-    batch_size: int = 128
-    max_iters: int = 2000
+    optimizer: str = "muon"          # muon (hidden matrices) + adamw (the rest), or adamw for everything
+    batch_size: int = 128            # the global batch: all micro-batches and all processes together
+    gradient_accumulation_steps: int = 1  # split each batch into this many micro-batches: same update, less memory
+    max_iters: int = 2000            # training steps
     learning_rate: float = 2e-3      # Muon (or AdamW with --optimizer=adamw) for the hidden matrices
     adamw_lr: float = 5e-4           # AdamW for everything else
-    weight_decay: float = 0.0
-    warmup_iters: int = 200
-    min_lr_frac: float = 0.1
-    grad_clip: float = 1.0           # 0 = off
+    weight_decay: float = 0.0        # on the matrices only
+    warmup_iters: int = 200          # linear warm-up steps
+    min_lr_frac: float = 0.1         # the cosine decays to this fraction of the peak
+    grad_clip: float = 1.0           # global gradient-norm clip; 0 = off
     # evaluation and logging
-    eval_interval: int = 250
-    eval_examples: int = 512         # per difficulty level
-    eval_batch_size: int = 256
+    eval_interval: int = 250         # evaluate and checkpoint every this many steps
+    eval_examples: int = 512         # evaluation examples per difficulty level (a fixed set)
+    eval_batch_size: int = 256       # examples per evaluation forward pass
     eval_sleep_passes: str = ""      # comma list of N to evaluate at; "" = the trained N
-    eval_only: bool = False
-    log_interval: int = 50
+    eval_only: bool = False          # evaluate the run's checkpoint, do not train
+    log_interval: int = 50           # print a log line every this many steps
     # runs
-    out_dir: str = "out"
-    resume: bool = False
-    sweep: str = ""                  # comma list of N: one model per N, then a results table
+    out_dir: str = ""                # "" = out/<task>-<preset>/<run name> (see the top of this file)
+    resume: bool = False             # continue the run in out_dir with the checkpoint's settings
+    sweep: str = ""                  # comma list of N: one model per N (and seed), then a results table
     seeds: str = ""                  # comma list of seeds for --sweep; "" = just --seed
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda or mps
-    compile: bool = False
+    compile: bool = False            # torch.compile the model for training
+    num_workers: int = -1            # processes that make batches ahead of the step; 0 = in the loop; -1 = 4 on CUDA, else 0
 
+
+# Settings that say how to run, not what is trained: they stay out of run names, and --resume or
+# --eval_only may change them (and max_iters, upwards, to extend a run).
+RUN_CONTROL = ("out_dir", "resume", "eval_only", "sweep", "seeds", "device", "compile", "num_workers",
+               "gradient_accumulation_steps", "eval_interval", "eval_examples", "eval_batch_size",
+               "eval_sleep_passes", "log_interval")
 
 PRESETS = {
     # A laptop CPU: at most about 20 minutes per run on 2 cores (README, Results).
@@ -91,7 +117,7 @@ PRESETS = {
                             warmup_iters=1000, eval_interval=2000, eval_examples=2048, log_interval=100),
     ("math", "paper"): dict(n_embd=256, n_head=4, batch_size=256, max_iters=20_000, adamw_lr=5e-5,
                             warmup_iters=500, eval_interval=1000, eval_examples=400, eval_batch_size=32,
-                            log_interval=20, checkpoint_windows=True),
+                            log_interval=20, checkpoint_windows=True, gradient_accumulation_steps=4),
 }
 
 # -----------------------------------------------------------------------------
@@ -113,50 +139,155 @@ def _convert(key, text, default):
         raise ValueError(f"--{key} expects a {kind.__name__} (like {default!r}), got {text!r}") from None
 
 
+def preset_settings(task_name, preset):
+    """Every setting's default for this task and preset (TrainConfig's defaults, then the preset's)."""
+    if (task_name, preset) not in PRESETS:
+        raise ValueError(f"--task must be one of rule110, depo, math and --preset one of cpu, paper; "
+                         f"got task={task_name!r}, preset={preset!r}")
+    return {**dataclasses.asdict(TrainConfig()), "task": task_name, "preset": preset, **PRESETS[task_name, preset]}
+
+
 def parse_args(argv):
-    """--key=value pairs -> (TrainConfig, task overrides). Unknown keys or bad values: ValueError."""
+    """--key=value pairs -> (TrainConfig, task overrides). Unknown keys or bad values: ValueError.
+
+    With --resume or --eval_only the run's own settings come from its checkpoint (see restore_run)."""
     pairs = {}
     for arg in argv:
         if not arg.startswith("--"):
             raise ValueError(f"arguments look like --key=value, got {arg!r}")
         key, _, value = arg[2:].partition("=")
         pairs[key] = value if "=" in arg else "true"
-    defaults = TrainConfig()
-    task_name, preset = pairs.get("task", defaults.task), pairs.get("preset", defaults.preset)
-    if (task_name, preset) not in PRESETS:
-        raise ValueError(f"--task must be one of rule110, depo, math and --preset one of cpu, paper; "
-                         f"got task={task_name!r}, preset={preset!r}")
-    settings = {**dataclasses.asdict(defaults), **PRESETS[task_name, preset]}
-    task_params = make_task(task_name, preset=preset).params
+    settings = preset_settings(pairs.get("task", "rule110"), pairs.get("preset", "cpu"))
+    task_params = make_task(settings["task"], preset=settings["preset"]).params
     overrides = {}
     for key, value in pairs.items():
+        if key in ("task", "preset"):
+            continue
         if key in settings:
-            settings[key] = _convert(key, value, settings[key]) if key not in ("task", "preset") else value
+            settings[key] = _convert(key, value, settings[key])
         elif key in task_params:
             overrides[key] = _convert(key, value, task_params[key])
         else:
-            raise ValueError(f"unknown setting --{key}; settings: {', '.join(settings)}; "
-                             f"parameters of task {task_name}: {', '.join(task_params)}")
+            raise ValueError(f"unknown setting --{key} (python train.py --help lists them); settings: "
+                             f"{', '.join(settings)}; parameters of task {settings['task']}: {', '.join(task_params)}")
     cfg = TrainConfig(**settings)
     check_config(cfg)
+    cfg = dataclasses.replace(cfg, sleep_passes=effective_sleep_passes(cfg, "sleep_passes" in pairs))
+    if not cfg.out_dir:
+        name = run_name(cfg, overrides, sweep=bool(cfg.sweep))
+        cfg = dataclasses.replace(cfg, out_dir=os.path.join("out", f"{cfg.task}-{cfg.preset}", name))
+    if cfg.resume or cfg.eval_only:
+        cfg, overrides = restore_run(cfg, overrides, given=set(pairs))
     return cfg, overrides
+
+
+def effective_sleep_passes(cfg, explicit):
+    """The N the model is saved, named and evaluated at: with --train_sleep_passes the largest trained N;
+    1 when nothing can sleep (no G block holds a state S, or --eviction=none has no windows)."""
+    n = cfg.sleep_passes
+    choices = int_list(cfg.train_sleep_passes, "train_sleep_passes")
+    if choices:
+        if explicit and n not in choices:
+            raise ValueError(f"--sleep_passes={n} is not among --train_sleep_passes={cfg.train_sleep_passes}: the model "
+                             f"is saved and evaluated at a trained N (by default the largest, {max(choices)})")
+        n = n if explicit else max(choices)
+    return 1 if "G" not in cfg.layers or cfg.eviction == "none" else n
+
+
+def run_name(cfg, task_overrides, sweep=False):
+    """N4_seed0 (a sweep: "sweep"), then every training setting that differs from the preset's, e.g.
+    N1_seed0_layers=AA_max_iters=13000: runs with different settings never share a folder."""
+    defaults = preset_settings(cfg.task, cfg.preset)
+    skip = {"task", "preset", "sleep_passes", "seed", *RUN_CONTROL}
+    extra = [(k, v) for k, v in dataclasses.asdict(cfg).items() if k not in skip and v != defaults[k]]
+    text = "_".join(f"{k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
+                    for k, v in extra + sorted(task_overrides.items()))
+    head = "sweep" if sweep else f"N{cfg.sleep_passes}_seed{cfg.seed}"
+    return re.sub(r"[^\w=,.:+-]", "-", f"{head}_{text}" if text else head)
+
+
+def load_checkpoint(path):
+    """A checkpoint as a dict (tensors on the CPU), or a ValueError that names the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:   # truncated, not a checkpoint, or from an incompatible version
+        raise ValueError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); it may be truncated "
+                         f"or not a train.py checkpoint") from None
+
+
+def saved_config(ckpt):
+    """The TrainConfig a checkpoint was written with (fields added since take their defaults)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
+
+
+def restore_run(cfg, overrides, given):
+    """--resume / --eval_only continue the run saved in cfg.out_dir with the checkpoint's own settings.
+    Only run-control flags (RUN_CONTROL) and a larger --max_iters may change; any other flag given on
+    the command line that differs from the checkpoint is refused."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    saved = saved_config(ckpt)
+    may_change = set(RUN_CONTROL) | {"max_iters"}
+    differ = [f"--{k}={getattr(cfg, k)} (checkpoint: {getattr(saved, k)})" for k in sorted(given)
+              if k not in may_change and hasattr(saved, k) and getattr(cfg, k) != getattr(saved, k)]
+    differ += [f"--{k}={v} (checkpoint: {ckpt['task'].get(k)})" for k, v in overrides.items() if ckpt["task"].get(k) != v]
+    if differ:
+        raise ValueError(f"--{'resume' if cfg.resume else 'eval_only'} takes the run's settings from {path}; these "
+                         f"flags differ from it: {', '.join(differ)}. Only {', '.join(sorted(may_change))} may change "
+                         f"(start a new run in another --out_dir, or --init_from={cfg.out_dir} to start from its weights)")
+    keep = {k: getattr(cfg, k) for k in may_change if k in given or k in ("out_dir", "resume", "eval_only")}
+    cfg = dataclasses.replace(saved, **keep)
+    if cfg.resume and cfg.max_iters < ckpt["step"]:
+        raise ValueError(f"--max_iters={cfg.max_iters} is below the checkpoint's step {ckpt['step']}")
+    check_config(cfg)
+    return cfg, dict(ckpt["task"])
+
+
+def help_text(argv):
+    """Every setting with its default (for the --task and --preset in argv) and meaning, then the
+    task's parameters; the meanings are the comments in TrainConfig."""
+    pairs = dict(arg[2:].partition("=")[::2] for arg in argv if arg.startswith("--"))
+    task_name, preset = pairs.get("task", "rule110"), pairs.get("preset", "cpu")
+    settings = preset_settings(task_name, preset)
+    meaning = dict(re.findall(r"^    (\w+): [^=]+= .*?  # (.*)$", inspect.getsource(TrainConfig), re.M))
+    lines = [__doc__.strip().splitlines()[0], "", f"usage: python train.py [--key=value ...]   "
+             f"(defaults below for --task={task_name} --preset={preset}; give those flags to see another preset's)", ""]
+    lines += [f"  --{k}={v}".ljust(34) + f" {meaning.get(k, '')}" for k, v in settings.items()]
+    task = make_task(task_name, preset=preset)
+    lines += ["", f"parameters of task {task_name} (preset {preset}), also --key=value; "
+              f"see `python data.py {task_name} --preset={preset}`:"]
+    lines += [f"  --{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in task.params.items()]
+    return "\n".join(lines)
 
 
 def check_config(cfg):
     """Refuse settings that would only fail later (or silently do the wrong thing)."""
     for name in ("batch_size", "max_iters", "eval_interval", "log_interval", "eval_examples", "eval_batch_size",
-                 "layer_repeat", "n_embd", "n_head"):
+                 "layer_repeat", "n_embd", "n_head", "gradient_accumulation_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("warmup_iters", "curriculum_iters", "bptt_passes", "seed"):
+    for name in ("warmup_iters", "curriculum_iters", "ssm_warmup_iters", "bptt_passes", "seed"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.num_workers < -1:
+        raise ValueError(f"--num_workers must be -1 (auto), 0 (in the loop) or more, got {cfg.num_workers}")
     for name in ("sweep", "seeds", "eval_sleep_passes", "train_sleep_passes"):
         int_list(getattr(cfg, name), name)
     if cfg.sweep and cfg.train_sleep_passes:
         raise ValueError("--sweep trains one model per N: it cannot be combined with --train_sleep_passes")
+    if cfg.sweep and ("G" not in cfg.layers or cfg.eviction == "none"):
+        raise ValueError(f"--sweep over N with --layers={cfg.layers} --eviction={cfg.eviction}: nothing sleeps "
+                         f"(no G block, or no windows), so every N is the same model; use --sleep_passes=1")
+    if cfg.sweep and (cfg.resume or cfg.eval_only):
+        raise ValueError("--sweep resumes the runs it finds by itself: drop --resume / --eval_only")
     if cfg.resume and cfg.eval_only:
         raise ValueError("--resume and --eval_only exclude each other")
+    if cfg.batch_size % cfg.gradient_accumulation_steps:
+        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of "
+                         f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps}")
     pick_device(cfg.device)
 
 
@@ -220,19 +351,18 @@ def lr_multiplier(step, cfg):
 
 
 @torch.no_grad()
-def evaluate(model, task, cfg, device, sleep_passes):
-    """Accuracy on the fixed evaluation set, per difficulty level.
+def evaluate(model, task, eval_data, batch_size, device, sleep_passes):
+    """Accuracy on the fixed evaluation sets eval_data = {level: (idx, targets, _)}, per level.
 
     Returns {level: {"item": fraction of answers right, "exact": fraction of examples all right}}.
     A multi-token answer counts as right only when all its tokens are.
     """
     model.eval()
     results = {}
-    for level in task.levels:
-        idx, targets, _ = task.eval_set(level, cfg.eval_examples, seed=cfg.seed)
+    for level, (idx, targets, _) in eval_data.items():
         right = []
-        for i in range(0, len(idx), cfg.eval_batch_size):
-            x, y = idx[i:i + cfg.eval_batch_size].to(device), targets[i:i + cfg.eval_batch_size].to(device)
+        for i in range(0, len(idx), batch_size):
+            x, y = idx[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
             with autocast(device):
                 logits, _ = model(x, y, sleep_passes=sleep_passes)
             right.append(task.score(logits.argmax(-1).cpu(), y.cpu()))
@@ -244,7 +374,7 @@ def evaluate(model, task, cfg, device, sleep_passes):
 
 def autocast(device):
     """bf16 autocast on CUDA (the recurrent state stays float32 inside the model); float32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
 def format_eval(task, results):
@@ -259,8 +389,61 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)
 
 
+def load_weights(model, run_dir):
+    """--init_from: the model weights of run_dir/ckpt.pt (not its optimiser, step or schedule)."""
+    weights = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["model"]
+    mine = model.state_dict()
+    differ = sorted(k for k in mine.keys() | weights.keys()
+                    if k not in mine or k not in weights or mine[k].shape != weights[k].shape)
+    if differ:
+        raise ValueError(f"--init_from={run_dir}: its model has other parameters or shapes than this one "
+                         f"({', '.join(differ[:4])}{', ...' if len(differ) > 4 else ''}); it needs the same "
+                         f"--layers, --layer_repeat, --n_embd, --n_head and task vocabulary")
+    model.load_state_dict(weights)
+
+
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step` is this process's slice of that step's training batch, plus the number of answer
+    tokens in the whole batch (it weights each micro-batch's mean loss). A pure function of
+    (seed, step), so DataLoader workers can make batches ahead and a resumed run gets the same ones."""
+
+    def __init__(self, task, cfg, rank=0, world_size=1):
+        self.task, self.cfg, self.rank, self.per_rank = task, cfg, rank, cfg.batch_size // world_size
+
+    def __len__(self):
+        return self.cfg.max_iters
+
+    def __getitem__(self, step):
+        idx, targets, _ = self.task.train_batch(self.cfg.batch_size, step, seed=self.cfg.seed,
+                                                levels=training_levels(step, self.cfg, self.task))
+        mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+        return idx[mine], targets[mine], int((targets >= 0).sum())
+
+
+def step_batches(dataset, start, num_workers, pin_memory):
+    """Batches of steps start, start + 1, ... in order: made in the loop, or ahead by worker processes."""
+    if num_workers == 0:
+        return (dataset[step] for step in range(start, len(dataset)))
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
+                                            num_workers=num_workers, pin_memory=pin_memory,
+                                            worker_init_fn=lambda _: torch.set_num_threads(1)))
+
+
+def distributed(device):
+    """Under torchrun (RANK is set): join the process group, nccl on CUDA, gloo on CPU.
+    Returns (rank, world_size, this process's device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 # -----------------------------------------------------------------------------
@@ -269,18 +452,26 @@ class NonFiniteLoss(RuntimeError):
 
 def train(cfg, task_overrides, log=print):
     """Train one model; returns a dict with the config, per-step losses, eval history and final eval."""
-    device = pick_device(cfg.device)
-    if device == "cpu":
+    rank, world_size, device = distributed(pick_device(cfg.device))
+    device_type = torch.device(device).type
+    if rank != 0:
+        log = lambda *a: None            # noqa: E731 (only rank 0 logs, evaluates and checkpoints)
+    if device_type == "cpu":
         torch.set_flush_denormal(True)   # exp-decay products go denormal; they made a step ~20x slower
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = None
     if cfg.resume or cfg.eval_only:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"no checkpoint to {'resume' if cfg.resume else 'evaluate'} at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        # The task the model was trained on, whatever the flags say.
-        cfg = dataclasses.replace(cfg, task=ckpt["config"]["task"], preset=ckpt["config"]["preset"])
+        ckpt = load_checkpoint(ckpt_path)
+        differ = {k: (v, getattr(saved_config(ckpt), k)) for k, v in dataclasses.asdict(cfg).items()
+                  if k not in RUN_CONTROL and k != "max_iters" and v != getattr(saved_config(ckpt), k)}
+        differ.update({k: (v, ckpt["task"].get(k)) for k, v in task_overrides.items() if ckpt["task"].get(k) != v})
+        if differ:
+            raise ValueError(f"{ckpt_path} holds another run: settings that differ (this run, checkpoint): {differ}")
         task_overrides = ckpt["task"]
+    elif os.path.exists(ckpt_path):
+        step = load_checkpoint(ckpt_path)["step"]
+        raise ValueError(f"{ckpt_path} already holds a run (step {step}): --resume continues it (a larger --max_iters "
+                         f"extends it), --eval_only evaluates it; or choose another --out_dir")
     task = make_task(cfg.task, preset=cfg.preset, **task_overrides)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, task)
@@ -290,6 +481,8 @@ def train(cfg, task_overrides, log=print):
                       if v != ckpt["model_config"][k]}
             raise ValueError(f"--resume with model settings that differ from the checkpoint's (flag, checkpoint): {differ}")
         model = SleepLM(SleepLMConfig(**ckpt["model_config"]))     # --eval_only: the checkpoint's model
+    if cfg.init_from and ckpt is None:
+        load_weights(model, cfg.init_from)
     model = model.to(device)
     optimizers = model.configure_optimizers(cfg.learning_rate, cfg.adamw_lr, cfg.weight_decay, optimizer=cfg.optimizer)
     for opt in optimizers:
@@ -303,16 +496,21 @@ def train(cfg, task_overrides, log=print):
                 opt.load_state_dict(state)
         step, history, losses, elapsed = ckpt["step"], ckpt["history"], ckpt["losses"], ckpt["elapsed"]
         torch.set_rng_state(ckpt["rng_state"])
+        if device_type == "cuda" and ckpt.get("cuda_rng_state") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng_state"])
         log(f"loaded {ckpt_path} at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"task {task.name} ({task.preset}) T={task.seq_len} L={model.config.window} vocab={task.vocab_size} "
         f"| model {model.config.layers} d={model.config.n_embd} N={model.config.sleep_passes} "
-        f"{n_params / 1e6:.3f}M params | {device}")
+        f"{n_params / 1e6:.3f}M params | {device}{f' x {world_size} processes' if world_size > 1 else ''}")
     eval_passes = int_list(cfg.eval_sleep_passes, "eval_sleep_passes") or [model.config.sleep_passes]
     sleep_choices = int_list(cfg.train_sleep_passes, "train_sleep_passes")
+    eval_data = {}
 
     def run_eval():
-        evals = {n: evaluate(model, task, cfg, device, n) for n in eval_passes}
+        if not eval_data:   # made once: the evaluation sets are fixed
+            eval_data.update({lv: task.eval_set(lv, cfg.eval_examples, seed=cfg.seed) for lv in task.levels})
+        evals = {n: evaluate(model, task, eval_data, cfg.eval_batch_size, device, n) for n in eval_passes}
         for n, res in evals.items():
             log(f"eval step {step} N={n} | {format_eval(task, res)}")
         return evals
@@ -324,7 +522,19 @@ def train(cfg, task_overrides, log=print):
     if cfg.eval_only:
         return summary(run_eval())
 
+    accumulation = cfg.gradient_accumulation_steps
+    if cfg.batch_size % (world_size * accumulation):
+        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of {world_size} processes x "
+                         f"--gradient_accumulation_steps={accumulation}")
+    micro = cfg.batch_size // world_size // accumulation
     model_for_step = torch.compile(model) if cfg.compile else model
+    if world_size > 1:
+        model_for_step = DDP(model_for_step, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
+    # --ssm_warmup_iters: these parameters (everything outside the G blocks) get no update during the warm-up.
+    frozen = [p for name, p in model.named_parameters()
+              if not (name.startswith("blocks.") and model.blocks[int(name.split(".")[1])].kind == "G")]
+    workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if device_type == "cuda" else 0)
+    batches = step_batches(StepBatches(task, cfg, rank, world_size), step, workers, pin_memory=device_type == "cuda")
     tokens_per_step = cfg.batch_size * task.seq_len
     logged_step, logged_elapsed = step, elapsed
     while step < cfg.max_iters:
@@ -332,40 +542,56 @@ def train(cfg, task_overrides, log=print):
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["peak_lr"] * mult
+        warming_up = step < cfg.ssm_warmup_iters
         t0 = time.time()
-        idx, targets, _ = task.train_batch(cfg.batch_size, step, seed=cfg.seed, levels=training_levels(step, cfg, task))
-        idx, targets = idx.to(device), targets.to(device)
-        with autocast(device):
-            _, loss = model_for_step(idx, targets, sleep_passes=step_sleep_passes(step, cfg, sleep_choices))
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at step {step}: training stopped. The last good "
-                                f"checkpoint (if any) is {ckpt_path}; try a lower learning rate or more warm-up.")
+        idx, targets, batch_answers = next(batches)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = torch.zeros((), device=device)
+        for m in range(accumulation):
+            x = idx[m * micro:(m + 1) * micro].to(device, non_blocking=True)
+            y = targets[m * micro:(m + 1) * micro].to(device, non_blocking=True)
+            share = int((targets[m * micro:(m + 1) * micro] >= 0).sum()) / batch_answers   # of the global batch's answers
+            sync = m == accumulation - 1 or world_size == 1          # DDP all-reduces gradients on the last micro-step
+            with nullcontext() if sync else model_for_step.no_sync():
+                with autocast(device):
+                    _, loss = model_for_step(x, y, sleep_passes=step_sleep_passes(step, cfg, sleep_choices),
+                                             eviction="hard" if warming_up else None)
+                (loss * share * world_size).backward()               # DDP averages over processes
+            loss_sum += loss.detach() * share
+        if world_size > 1:
+            dist.all_reduce(loss_sum)                                 # the loss of the whole global batch
+        if not torch.isfinite(loss_sum):
+            raise NonFiniteLoss(f"loss is {loss_sum.item()} at step {step}: training stopped before the update. The "
+                                f"last good checkpoint (if any) is {ckpt_path}; try a lower learning rate or more warm-up.")
+        if warming_up:
+            for p in frozen:
+                p.grad = None                                         # optimizers skip parameters without grad
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         if not torch.isfinite(grad_norm):
             raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at step {step}: training stopped before the "
                                 f"update. The last good checkpoint (if any) is {ckpt_path}.")
         for opt in optimizers:
             opt.step()
-        losses.append(loss.item())
+        losses.append(loss_sum.item())
         step += 1
         elapsed += time.time() - t0
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             ms = (elapsed - logged_elapsed) * 1000 / (step - logged_step)
             logged_step, logged_elapsed = step, elapsed
             eta = (cfg.max_iters - step) * elapsed / step
+            memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device_type == "cuda" else ""
             log(f"step {step}/{cfg.max_iters} ({100 * step / cfg.max_iters:.0f}%) | loss {losses[-1]:.4f} "
-                f"| lr {optimizers[0].param_groups[0]['lr']:.2e} | {ms:.0f} ms/step "
-                f"| {tokens_per_step * 1000 / ms:,.0f} tok/s | eta {eta / 60:.1f} min")
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                f"| grad norm {grad_norm.item():.4g} | lr {optimizers[0].param_groups[0]['lr']:.2e} | {ms:.0f} ms/step "
+                f"| {tokens_per_step * 1000 / ms:,.0f} tok/s{memory} | eta {eta / 60:.1f} min")
+        if rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
             evals = run_eval()
             history.append(dict(step=step, elapsed=elapsed, eval={str(n): r for n, r in evals.items()}))
             save_checkpoint(ckpt_path, model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
                             config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(model.config),
                             task=task.params, step=step, history=history, losses=losses, elapsed=elapsed,
-                            rng_state=torch.get_rng_state())
+                            rng_state=torch.get_rng_state(),
+                            cuda_rng_state=torch.cuda.get_rng_state() if device_type == "cuda" else None)
     final = history[-1]["eval"] if history else {}
     return summary({int(n): r for n, r in final.items()})
 
@@ -393,6 +619,8 @@ def sweep(cfg, task_overrides, log=print):
             runs.append(dict(sleep_passes=n, seed=seed, final=result["final"][n], history=result["history"],
                              elapsed=result["elapsed"], steps=len(result["losses"])))
     table = results_table(task, runs)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return runs
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump(dict(config=dataclasses.asdict(cfg), task=task.params, metric=task.metric, runs=runs), f, indent=1)
@@ -449,16 +677,23 @@ def plot(task, runs, path, log):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        try:
+            print(help_text(argv))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        return
     try:
         cfg, task_overrides = parse_args(argv)
         # Check the whole configuration (model and task) before any work starts.
         build_model(cfg, make_task(cfg.task, preset=cfg.preset, **task_overrides))
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    for key, value in dataclasses.asdict(cfg).items():
-        print(f"{key} = {value}")
-    for key, value in task_overrides.items():
-        print(f"{key} = {value}  (task)")
+    if int(os.environ.get("RANK", 0)) == 0:
+        for key, value in dataclasses.asdict(cfg).items():
+            print(f"{key} = {value}")
+        for key, value in task_overrides.items():
+            print(f"{key} = {value}  (task)")
     try:
         if cfg.sweep:
             sweep(cfg, task_overrides)
@@ -466,6 +701,9 @@ def main(argv):
             train(cfg, task_overrides)
     except (NonFiniteLoss, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
