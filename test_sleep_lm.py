@@ -781,6 +781,21 @@ def test_sweep_tables_every_run_and_collects_finished_runs_without_retraining(tm
     assert re.search(r"^\| 1 \| .* \| 2 \| ", table, re.M) and re.search(r"^\| 2 \| ", table, re.M)
 
 
+def test_a_parallel_sweep_trains_its_runs_side_by_side_as_the_sequential_one_does(tmp_path):
+    cfg, overrides = smoke_config(tmp_path / "seq", "--sweep=1,2", "--task=depo", "--max_hops=1")
+    sequential = train.sweep(cfg, overrides, log=lambda *a: None)
+    cfg, overrides = smoke_config(tmp_path / "par", "--sweep=1,2", "--task=depo", "--max_hops=1", "--parallel=2")
+    lines = []
+    parallel = train.sweep(cfg, overrides, log=lines.append)
+    assert sum("started" in line for line in lines) == 2 and sum("finished" in line for line in lines) == 2
+    for a, b in zip(sequential, parallel):
+        assert (a["sleep_passes"], a["steps"], a["final"]) == (b["sleep_passes"], b["steps"], b["final"])
+        losses = [torch.load(d / f"N{a['sleep_passes']}_seed0" / "ckpt.pt", weights_only=False)["losses"]
+                  for d in (tmp_path / "seq", tmp_path / "par")]
+        assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, what="losses")
+    assert "max_hops = 1" in (tmp_path / "par" / "N2_seed0" / "train.log").read_text()
+
+
 def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     cfg, overrides = smoke_config(tmp_path)
     real_forward = SleepLM.forward
@@ -887,6 +902,14 @@ def test_readme_training_commands_never_share_an_output_folder():
         folder = train.parse_args(argv)[0].out_dir
         assert folders.setdefault(folder, line) == line, f"{line!r} and {folders[folder]!r} both write {folder}"
     assert len(folders) >= 5
+
+
+def test_the_readme_checkpoint_example_runs(tmp_path, capsys):
+    quiet_train(SMOKE + [f"--out_dir={tmp_path}"])
+    code = re.search(r"```python\n(.*?ckpt = torch\.load.*?)```", (HERE / "README.md").read_text(), re.S).group(1)
+    exec(code.replace("out/rule110-cpu/N4_seed0/ckpt.pt", str(tmp_path / "ckpt.pt")), {})
+    out = capsys.readouterr().out
+    assert "tensor([[" in out and float(re.search(r"streamed vs forward: (\S+)", out).group(1)) < 1e-4
 
 
 def test_a_sweep_refuses_a_checkpoint_of_another_task(tmp_path):

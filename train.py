@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -92,6 +93,7 @@ class TrainConfig:
     resume: bool = False             # continue the run in out_dir with the checkpoint's settings
     sweep: str = ""                  # comma list of N: one model per N (and seed), then a results table
     seeds: str = ""                  # comma list of seeds for --sweep; "" = just --seed
+    parallel: int = 1                # --sweep: train up to this many runs at once, each its own process (side by side on one GPU)
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda or mps
     compile: bool = False            # torch.compile the model for training
     num_workers: int = -1            # processes that make batches ahead of the step; 0 = in the loop; -1 = 4 on CUDA, else 0
@@ -99,7 +101,7 @@ class TrainConfig:
 
 # Settings that say how to run, not what is trained: they stay out of run names, and --resume or
 # --eval_only may change them (and max_iters, upwards, to extend a run).
-RUN_CONTROL = ("out_dir", "resume", "eval_only", "sweep", "seeds", "device", "compile", "num_workers",
+RUN_CONTROL = ("out_dir", "resume", "eval_only", "sweep", "seeds", "parallel", "device", "compile", "num_workers",
                "gradient_accumulation_steps", "eval_interval", "eval_examples", "eval_batch_size",
                "eval_sleep_passes", "log_interval")
 
@@ -266,7 +268,7 @@ def help_text(argv):
 def check_config(cfg):
     """Refuse settings that would only fail later (or silently do the wrong thing)."""
     for name in ("batch_size", "max_iters", "eval_interval", "log_interval", "eval_examples", "eval_batch_size",
-                 "layer_repeat", "n_embd", "n_head", "gradient_accumulation_steps"):
+                 "layer_repeat", "n_embd", "n_head", "gradient_accumulation_steps", "parallel"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("warmup_iters", "curriculum_iters", "ssm_warmup_iters", "bptt_passes", "seed"):
@@ -602,22 +604,28 @@ def train(cfg, task_overrides, log=print):
 
 def sweep(cfg, task_overrides, log=print):
     """Train one model per N in --sweep (for each seed in --seeds), same data order and learning rate;
-    write results.json and results.md (and results.png if matplotlib is installed) to out_dir."""
+    write results.json and results.md (and results.png if matplotlib is installed) to out_dir.
+
+    A run whose checkpoint is already there is resumed (a finished one is only loaded), so the runs
+    of a sweep can be spread over processes and collected by one more call; --parallel=P trains up
+    to P of them at once as separate processes, then collects them."""
     passes, seeds = int_list(cfg.sweep, "sweep"), int_list(cfg.seeds, "seeds") or [cfg.seed]
     task = make_task(cfg.task, preset=cfg.preset, **task_overrides)
-    runs = []
+    run_cfgs = []
     for n in passes:
         for seed in seeds:
             eval_passes = ",".join(str(x) for x in dict.fromkeys([n] + int_list(cfg.eval_sleep_passes, "eval_sleep_passes")))
-            run_cfg = dataclasses.replace(cfg, sleep_passes=n, seed=seed, sweep="", seeds="", eval_sleep_passes=eval_passes,
-                                          out_dir=os.path.join(cfg.out_dir, f"N{n}_seed{seed}"))
-            # A run whose checkpoint is already there is resumed (a finished one is only loaded), so the
-            # runs of a sweep can be spread over processes and collected by one more call of the sweep.
-            done = os.path.exists(os.path.join(run_cfg.out_dir, "ckpt.pt"))
-            log(f"=== sweep: N={n} seed={seed}{' (resuming from its checkpoint)' if done else ''} ===")
-            result = train(dataclasses.replace(run_cfg, resume=done), task_overrides, log)
-            runs.append(dict(sleep_passes=n, seed=seed, final=result["final"][n], history=result["history"],
-                             elapsed=result["elapsed"], steps=len(result["losses"])))
+            run_cfgs.append(dataclasses.replace(cfg, sleep_passes=n, seed=seed, sweep="", seeds="", parallel=1,
+                                                eval_sleep_passes=eval_passes, out_dir=os.path.join(cfg.out_dir, f"N{n}_seed{seed}")))
+    if cfg.parallel > 1:
+        train_side_by_side([c for c in run_cfgs if not finished(c)], task_overrides, cfg.parallel, log)
+    runs = []
+    for run_cfg in run_cfgs:
+        done = os.path.exists(os.path.join(run_cfg.out_dir, "ckpt.pt"))
+        log(f"=== sweep: N={run_cfg.sleep_passes} seed={run_cfg.seed}{' (resuming from its checkpoint)' if done else ''} ===")
+        result = train(dataclasses.replace(run_cfg, resume=done), task_overrides, log)
+        runs.append(dict(sleep_passes=run_cfg.sleep_passes, seed=run_cfg.seed, final=result["final"][run_cfg.sleep_passes],
+                         history=result["history"], elapsed=result["elapsed"], steps=len(result["losses"])))
     table = results_table(task, runs)
     if int(os.environ.get("RANK", 0)) != 0:
         return runs
@@ -629,6 +637,38 @@ def sweep(cfg, task_overrides, log=print):
     log(table)
     plot(task, runs, os.path.join(cfg.out_dir, "results.png"), log)
     return runs
+
+
+def finished(cfg):
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    return os.path.exists(path) and load_checkpoint(path)["step"] >= cfg.max_iters
+
+
+def train_side_by_side(run_cfgs, task_overrides, parallel, log):
+    """Train each run as `python train.py` with all its settings, up to `parallel` processes at once
+    (small models leave most of a GPU idle). Each writes its log to its out_dir/train.log."""
+    waiting, running = list(run_cfgs), []
+    while waiting or running:
+        while waiting and len(running) < parallel:
+            run_cfg = waiting.pop(0)
+            run_cfg = dataclasses.replace(run_cfg, resume=os.path.exists(os.path.join(run_cfg.out_dir, "ckpt.pt")))
+            argv = [f"--{k}={v}" for k, v in dataclasses.asdict(run_cfg).items()]
+            argv += [f"--{k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in task_overrides.items()]
+            os.makedirs(run_cfg.out_dir, exist_ok=True)
+            log_file = open(os.path.join(run_cfg.out_dir, "train.log"), "a")
+            process = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=log_file,
+                                       stderr=subprocess.STDOUT)
+            running.append((run_cfg, process, log_file))
+            log(f"started N={run_cfg.sleep_passes} seed={run_cfg.seed} ({len(running)} running): {run_cfg.out_dir}/train.log")
+        time.sleep(0.5)
+        for run_cfg, process, log_file in [r for r in running if r[1].poll() is not None]:
+            running.remove((run_cfg, process, log_file))
+            log_file.close()
+            if process.returncode != 0:
+                for _, other, _ in running:
+                    other.terminate()
+                raise RuntimeError(f"the run in {run_cfg.out_dir} failed (exit {process.returncode}): see its train.log")
+            log(f"finished N={run_cfg.sleep_passes} seed={run_cfg.seed}")
 
 
 def accuracy_over_seeds(task, runs):
@@ -699,7 +739,7 @@ def main(argv):
             sweep(cfg, task_overrides)
         else:
             train(cfg, task_overrides)
-    except (NonFiniteLoss, ValueError, FileNotFoundError) as e:
+    except (NonFiniteLoss, ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():
