@@ -218,12 +218,57 @@ def test_truncated_backprop_keeps_the_loss_and_checkpointing_keeps_loss_and_grad
         assert_close(ckpt_grads[name], g, what=f"checkpointed grad of {name}")
 
 
+def test_default_sleep_blocks_is_the_whole_stack_and_one_pass_ignores_the_slice_bitwise():
+    x = tokens(2, 24)
+    for N in (1, 3):
+        whole = tiny_model(sleep_passes=N)(x)[0]
+        assert torch.equal(tiny_model(sleep_passes=N, sleep_blocks=[0, 4])(x)[0], whole)
+    assert torch.equal(tiny_model(sleep_passes=1, sleep_blocks=(1, 3))(x)[0], tiny_model(sleep_passes=1)(x)[0])
+    assert tiny_config(sleep_blocks=[1, 3]).sleep_blocks == (1, 3)
+
+
+def test_sleep_passes_rerun_only_the_sliced_blocks_on_their_own_output():
+    # AGAG looping blocks 1..2: per consolidation window blocks 0 and 3 run once (block 3, a GDN block,
+    # writes its S once), blocks 1 and 2 run N times, each sleep pass on block 2's output plus the
+    # injected block-1 input of pass 1.
+    model = tiny_model(sleep_passes=3, sleep_blocks=(1, 3), input_injection=True)
+    x = tokens(2, 16)                                    # a consolidation window, then a prediction window
+    y = torch.full_like(x, -1)
+    y[:, -3:] = x[:, -3:]
+    calls = [0] * 4
+    hooks = [b.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, b in enumerate(model.blocks)]
+    logits, loss = model(x, y)
+    for hook in hooks:
+        hook.remove()
+    assert calls == [2, 4, 4, 2], "block calls in (consolidation + prediction) windows"
+    blocks, pos, span = model.blocks, torch.arange(8), 8
+    context, S = model.empty_state(2)
+    h, S[0], _ = blocks[0](model.wte(x[:, :8]), pos, context[0], S[0], span)
+    loop_input = h
+    for n in range(3):
+        if n > 0:
+            h = h + loop_input
+        for i in (1, 2):
+            h, S[i], _ = blocks[i](h, pos, context[i], S[i], span)
+        if n == 0:
+            _, S[3], _ = blocks[3](h, pos, context[3], S[3], span)
+    h, _, _ = model.block_pass(model.wte(x[:, 8:]), torch.arange(8, 16), context, S, span)
+    assert_close(logits[:, 8:], model.head(h), what="prediction window after a sliced sleep, by hand")
+    whole_stack = tiny_model(sleep_passes=3, input_injection=True)(x, y)[1]
+    assert (loss - whole_stack).abs() > 1e-8, "looping a slice should change the loss"
+
+
 # -- streaming ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("eviction, injection", [("hard", False), ("sliding", False), ("none", False), ("hard", True)])
-def test_streaming_logits_equal_forward_across_sleep_boundaries(eviction, injection):
-    model = tiny_model(sleep_passes=3, input_injection=injection)
+@pytest.mark.parametrize("eviction, injection, layers, sleep_blocks", [
+    ("hard", False, "AGAG", None), ("sliding", False, "AGAG", None), ("none", False, "AGAG", None),
+    ("hard", True, "AGAG", None),
+    # slices that leave a GDN block outside the loop: before it, after it, and with injection
+    ("hard", False, "GAGA", (2, 4)), ("sliding", False, "AGAG", (1, 2)), ("sliding", True, "GAGA", (1, 3)),
+])
+def test_streaming_logits_equal_forward_across_sleep_boundaries(eviction, injection, layers, sleep_blocks):
+    model = tiny_model(sleep_passes=3, input_injection=injection, layers=layers, sleep_blocks=sleep_blocks)
     x = tokens(2, 29)                                    # windows of 8: three sleeps and a partial window
     expected, _ = model(x, eviction=eviction)
     token_by_token = SleepCache(model, 2, eviction=eviction)
@@ -269,6 +314,8 @@ def test_generate_long_random_stream_stays_finite():
 @pytest.mark.parametrize("field, value", [
     ("window", 0), ("sleep_passes", 0), ("eviction", "soft"), ("layers", "AXG"), ("layers", ""),
     ("n_embd", 30), ("vocab_size", 0), ("bptt_passes", 0), ("sleep_passes", 1.5),
+    ("sleep_blocks", (2, 2)), ("sleep_blocks", (0, 5)), ("sleep_blocks", (-1, 2)), ("sleep_blocks", 3),
+    ("sleep_blocks", (0, 1, 2)), ("sleep_blocks", (0.0, 2)),
 ])
 def test_invalid_config_raises_value_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
