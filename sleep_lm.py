@@ -30,6 +30,7 @@ Eviction modes (what survives a window boundary):
             whole sequence (the no-eviction upper bound; window and sleep_passes are ignored).
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -342,7 +343,9 @@ class SleepLMConfig:
     conv_size: int = 4            # GDN short conv kernel
     gdn_chunk_size: int = 64      # chunk of the chunkwise-parallel local rule
     rope_base: float = 10000.0
-    bptt_passes: int | None = None     # only the last K passes of a consolidation window carry gradient
+    bptt_passes: int | None = None     # truncated backprop: only the last K passes of a consolidation window are
+                                       # recorded; the earlier ones count as the identity in backward
+                                       # (straight-through, see SleepLM.process_window)
     checkpoint_windows: bool = False   # recompute each window's passes in backward (activation checkpointing)
     input_injection: bool = False      # add the looped blocks' pass-1 input (the embeddings, by default) to the
                                        # features before every sleep pass (a deviation from Algorithm 1, as in
@@ -497,30 +500,37 @@ class SleepLM(nn.Module):
         """Logits, in float32 (float64 for a float64 model) even under bf16 autocast."""
         return self.lm_head(self.norm_f(h)).to(state_dtype(h))
 
-    def process_window(self, idx, pos, context, S, passes, span, bptt_passes=None):
+    def process_window(self, idx, pos, context, S, passes, span, untracked=0):
         """Algorithm 1 for one window: embed once, then `passes` passes of the block stack.
 
         Pass 1 (wake) runs every block; passes 2..N run the looped blocks (config.sleep_blocks, all by
         default), each on the previous pass's output of the looped segment and the S the previous
         pass left. Attention and the conv see the window (and, under sliding eviction, the kept
         context) only.
-        With bptt_passes = K only the last K passes are recorded for backprop.
+        Truncated backprop: the first `untracked` passes (a Python int, decided by forward) run
+        without gradient, and their result is reconnected to the graph straight-through:
+            h = embeddings + (h_untracked - embeddings).detach()
+            S = S_in + (S_untracked - S_in).detach()          per GDN block
+        The forward values are those of the untracked passes (up to rounding); backward treats the
+        untracked passes as the identity, so the gradient still reaches the embeddings and the
+        incoming S of every window. The weights get no gradient from the untracked passes.
         Returns the wake logits (from pass 1, what a decoder sees), the final S and the extended
         context (of the last pass for looped blocks, of pass 1 for the others).
         """
         embeddings = self.wte(idx)
-        for n in range(passes):
-            grad = torch.is_grad_enabled() and (bptt_passes is None or n >= passes - bptt_passes)
-            with torch.set_grad_enabled(grad):
-                if n == 0:
-                    out, S, extended, loop_input, h = self.wake_pass(embeddings, pos, context, S, span)
-                else:
-                    h, S, extended = self.sleep_pass(h, loop_input, pos, context, S, extended, span)
-            if n == 0:
-                # Logits of a consolidation window are never trained on: keep them out of the graph.
-                with torch.set_grad_enabled(torch.is_grad_enabled() and passes == 1):
-                    wake_logits = self.head(out)
-        return wake_logits, S, extended
+        S_in = S
+        with torch.no_grad() if untracked else contextlib.nullcontext():
+            out, S, extended, loop_input, h = self.wake_pass(embeddings, pos, context, S, span)
+            wake_logits = self.head(out)
+            for _ in range(untracked - 1):
+                h, S, extended = self.sleep_pass(h, loop_input, pos, context, S, extended, span)
+        if untracked:   # straight-through: untracked values, identity gradient
+            h, loop_input = (embeddings + (x - embeddings).detach() for x in (h, loop_input))
+            S = [s if s is None else s_in + (s - s_in).detach() for s_in, s in zip(S_in, S)]
+        for _ in range(passes - max(untracked, 1)):   # the tracked sleep passes
+            h, S, extended = self.sleep_pass(h, loop_input, pos, context, S, extended, span)
+        # Logits of a consolidation window are never trained on: keep them out of the graph.
+        return (wake_logits if passes == 1 else wake_logits.detach()), S, extended
 
     def forward(self, idx, targets=None, *, sleep_passes=None, window=None, eviction=None):
         """Algorithm 1 of the paper (hard eviction), with sliding and no eviction as variants.
@@ -543,6 +553,7 @@ class SleepLM(nn.Module):
         if eviction == "none":
             L, N = T, 1
         span = L if eviction != "none" else float("inf")
+        bptt = self.config.bptt_passes
         context, S = self.empty_state(B, idx.device)
         all_logits, predicted_logits, predicted_targets = [], [], []
         for start in range(0, T, L):
@@ -556,8 +567,11 @@ class SleepLM(nn.Module):
                                      f"but not in others; windows must line up across the batch")
                 consolidate = bool(no_answer.all())
             passes = N if consolidate else 1
+            # Truncated backprop: passes run without gradient. A Python int decided here, so that a
+            # compiled process_window switches grad mode on no symbolic value.
+            untracked = max(passes - bptt, 0) if bptt and torch.is_grad_enabled() else 0
             pos = torch.arange(start, stop, device=idx.device)
-            args = (idx[:, start:stop], pos, context, S, passes, span, self.config.bptt_passes)
+            args = (idx[:, start:stop], pos, context, S, passes, span, untracked)
             if self.config.checkpoint_windows and torch.is_grad_enabled():
                 logits, S, extended = checkpoint(self.process_window, *args, use_reentrant=False)
             else:
