@@ -633,15 +633,23 @@ class SleepLM(nn.Module):
 
         The prompt is read window by window (full windows are slept on); then each new token costs
         one wake pass over one token, whatever the distance already generated.
+        temperature > 0 samples from softmax(logits / temperature); temperature = 0 is greedy (argmax).
+        top_k = K samples among the K most likely tokens only; None: no filtering.
         """
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+        _check_int("top_k", top_k, 1, allow_none=True)
         cache = SleepCache(self, idx.shape[0], sleep_passes=sleep_passes, window=window, eviction=eviction)
         logits = cache.feed(idx)[:, -1]
         for _ in range(max_new_tokens):
-            logits = logits / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat([idx, next_id], dim=1)
             logits = cache.feed(next_id)[:, -1]
         return idx

@@ -329,6 +329,19 @@ def test_decode_memory_is_bounded_by_the_window():
         assert sum(f.shape[1] for f in cache.features) < model.config.window
 
 
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_generate_at_temperature_zero_is_greedy(eviction):
+    model = tiny_model(sleep_passes=2, eviction=eviction)
+    prompt = tokens(2, 5)
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(12):                              # crosses two window boundaries
+            next_id = model(expected)[0][:, -1].argmax(dim=-1, keepdim=True)
+            expected = torch.cat([expected, next_id], dim=1)
+    assert torch.equal(model.generate(prompt, 12, temperature=0), expected)
+    assert torch.equal(model.generate(prompt, 12, top_k=1), expected)   # one candidate left: greedy too
+
+
 def test_generate_long_random_stream_stays_finite():
     torch.manual_seed(0)
     model = SleepLM(tiny_config(window=64, sleep_passes=2, gdn_chunk_size=32))
@@ -383,6 +396,10 @@ def test_invalid_calls_raise_value_error_naming_the_argument():
         model(x, window=-2)
     with pytest.raises(ValueError, match="eviction"):
         model.generate(x, 2, eviction="partial")
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(x, 2, temperature=-0.5)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(x, 2, top_k=0)
 
 
 # -- the tasks (data.py): every answer re-derived from the decoded text by an independent solver --
