@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import train
@@ -135,6 +136,55 @@ def test_rule_rejects_bad_shapes(bad):
     name = {"q_rank": "q and k", "v_shape": "v", "beta_shape": "beta", "state_shape": "state", "chunk_size": "chunk_size"}[bad]
     with pytest.raises(ValueError, match=name):
         gated_delta_rule(q, k, v, log_decay, beta, **kwargs)
+
+
+# -- the Gated DeltaNet layer -------------------------------------------------------------------
+
+
+def reference_gated_deltanet(mixer, x, conv_window, S):
+    """The GDN layer written out step by step, independently of sleep_lm. x: (B, T, C), float64."""
+    B, T, _ = x.shape
+    H, D, K = mixer.n_head, mixer.head_dim, mixer.conv_size
+    qkv = x @ mixer.qkv.weight.T                                          # (B, T, 3HD)
+    if conv_window is None:
+        conv_window = x.new_zeros(B, K - 1, 3 * H * D)
+    padded = torch.cat([conv_window, qkv], dim=1)                        # causal: K - 1 rows before x
+    conv = F.conv1d(padded.transpose(1, 2), mixer.conv_weight, groups=3 * H * D).transpose(1, 2)
+    q, k, v = F.silu(conv).view(B, T, 3, H, D).unbind(2)
+    q = q / torch.sqrt((q ** 2).sum(-1, keepdim=True) + 1e-6) / math.sqrt(D)
+    k = k / torch.sqrt((k ** 2).sum(-1, keepdim=True) + 1e-6)
+    beta = torch.sigmoid(x @ mixer.b_proj.weight.T)                      # (B, T, H)
+    log_decay = -torch.exp(mixer.A_log) * torch.log1p(torch.exp(x @ mixer.a_proj.weight.T + mixer.dt_bias))
+    S = x.new_zeros(B, H, D, D) if S is None else S
+    outputs = []
+    for t in range(T):
+        S = torch.exp(log_decay[:, t, :, None, None]) * S
+        error = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, t]))
+        S = S + torch.einsum("bhk,bhv->bhkv", k[:, t], error)
+        outputs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    o = torch.stack(outputs, dim=1)                                      # (B, T, H, D)
+    o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6) * mixer.o_norm.weight
+    o = o * F.silu((x @ mixer.g_proj.weight.T).view(B, T, H, D))
+    return o.reshape(B, T, H * D) @ mixer.proj.weight.T, S, padded[:, -(K - 1):]
+
+
+@pytest.mark.parametrize("with_context", [False, True])
+def test_gated_deltanet_layer_matches_an_independent_reference(with_context):
+    mixer = tiny_model().blocks[1].mixer
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in mixer.parameters():                     # random everything (the init zeros proj)
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    B, C, H, D, K = 2, 32, mixer.n_head, mixer.head_dim, mixer.conv_size
+    for T in (11, 1):                                    # chunkwise rule (11: no multiple of 4), one token
+        x = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+        conv_window = torch.randn(B, K - 1, 3 * C, generator=g, dtype=torch.float64) if with_context else None
+        S = torch.randn(B, H, D, D, generator=g, dtype=torch.float64) if with_context else None
+        y, S_out, window = mixer(x, torch.arange(T), conv_window, S, 8)
+        y_ref, S_ref, window_ref = reference_gated_deltanet(mixer, x, conv_window, S)
+        assert_close(y, y_ref, what=f"output, T={T}")
+        assert_close(S_out, S_ref, what=f"state, T={T}")
+        assert torch.equal(window, window_ref)
 
 
 # -- the sleep loop ----------------------------------------------------------------------------
@@ -272,6 +322,16 @@ def test_sleep_passes_rerun_only_the_sliced_blocks_on_their_own_output():
     assert (loss - whole_stack).abs() > 1e-8, "looping a slice should change the loss"
 
 
+def test_every_parameter_gets_a_gradient_in_a_training_step():
+    model = tiny_model(sleep_passes=2)
+    x = tokens(2, 24)                                    # two consolidation windows, one prediction window
+    y = torch.full_like(x, -1)
+    y[:, -3:] = x[:, -3:]
+    model(x, y)[1].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
+
+
 def test_compiled_model_matches_eager_loss_and_gradients():
     # aot_eager_decomp_partition: dynamo + AOT autograd, run eagerly, no C++ compiler. Plain aot_eager
     # fails in backward on this model with torch 2.13 (eager softplus_backward returns other strides
@@ -319,14 +379,22 @@ def test_streaming_logits_equal_forward_across_sleep_boundaries(eviction, inject
         assert_close(prefix[:, -1], expected[:, t], what=f"prefix of {t + 1} tokens")
 
 
-def test_decode_memory_is_bounded_by_the_window():
-    model = tiny_model(sleep_passes=2, eviction="sliding")
+@pytest.mark.parametrize("eviction, sleep_blocks", [("hard", None), ("sliding", None), ("sliding", (1, 2))])
+def test_cache_holds_exactly_the_current_window_and_the_kept_context(eviction, sleep_blocks):
+    L = 8
+    model = tiny_model(sleep_passes=2, eviction=eviction, window=L, sleep_blocks=sleep_blocks)
     cache = SleepCache(model, 1)
-    for t in range(40):
-        cache.feed(tokens(1, 1, seed=t))
-        attention_entries = [ctx[0].shape[2] for ctx in cache.context if isinstance(ctx, tuple)]
-        assert max(attention_entries) <= 2 * model.config.window - 1
-        assert sum(f.shape[1] for f in cache.features) < model.config.window
+    for n in range(1, 3 * L + 4):                        # n tokens read so far
+        cache.feed(tokens(1, 1, seed=n))
+        in_window = n % L                                # 0: a full window was just slept on and evicted
+        kept = min(L - 1, n - in_window) if eviction == "sliding" else 0   # what the last eviction kept
+        for ctx, block in zip(cache.context, model.blocks):
+            if block.kind == "A":
+                assert ctx[0].shape[2] == ctx[1].shape[2] == kept + in_window, f"attention entries after {n} tokens"
+                assert ctx[2].tolist() == list(range(n - kept - in_window, n)), "the newest positions are kept"
+            else:
+                assert (ctx is None) if eviction == "hard" and in_window == 0 else (ctx.shape[1] == 3)
+        assert sum(f.shape[1] for f in cache.features) == sum(e.shape[1] for e in cache.loop_inputs) == in_window
 
 
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
