@@ -16,6 +16,24 @@ import data
 import train
 from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
 
+# Parity tests run on every device here: exactly (float64) on the CPU; on CUDA in float32 and under
+# bf16 autocast. The local rule keeps its state math in float32 under autocast, so its bf16 tolerance
+# is float32's. Measured once under CPU bf16 autocast: rule differences up to 1e-5 (gradients), logits
+# up to 0.06 (about 2 bf16 steps at |logit| 5); planted bugs give far more: rule math in bf16 0.03-0.06
+# (rule tolerance ~1e-4), one sleep pass missing 1.7-4.3 (logit tolerance 0.15 + 0.02 |logit|).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PRECISIONS = [(d, p) for d in DEVICES for p in (["float64"] if d == "cpu" else ["float32", "bf16"])]
+DTYPE = {"float64": torch.float64, "float32": torch.float32, "bf16": torch.float32}
+TOLERANCE = {  # (rtol, atol) for the local rule and for model logits
+    "float64": dict(rule=(1e-10, 1e-12), model=(1e-10, 1e-12)),
+    "float32": dict(rule=(1e-4, 1e-5), model=(1e-4, 1e-4)),
+    "bf16": dict(rule=(1e-4, 1e-5), model=(0.02, 0.15)),
+}
+
+
+def autocast(device, precision):
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
 
 def assert_close(actual, expected, rtol=1e-10, atol=1e-12, what=""):
     """torch.testing-style check that reports the max and mean difference."""
@@ -44,7 +62,7 @@ def tiny_config(**overrides):
     return SleepLMConfig(**config)
 
 
-def tiny_model(seed=0, dtype=torch.float64, **overrides):
+def tiny_model(seed=0, dtype=torch.float64, device="cpu", **overrides):
     """A small model with non-trivial weights (the real init zeros the output projections)."""
     torch.manual_seed(seed)
     model = SleepLM(tiny_config(**overrides)).to(dtype)
@@ -53,38 +71,44 @@ def tiny_model(seed=0, dtype=torch.float64, **overrides):
             if name.endswith("proj.weight"):
                 p.normal_(std=0.3)
         model.lm_head.weight.normal_(std=0.3)
-    return model
+    return model.to(device)
 
 
-def tokens(B, T, vocab=13, seed=1, low=0):
-    return torch.randint(low, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+def tokens(B, T, vocab=13, seed=1, low=0, device="cpu"):
+    return torch.randint(low, vocab, (B, T), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 # -- the local rule ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device, precision", PRECISIONS)
 @pytest.mark.parametrize("chunk_size", [1, 5, 8, 64])
-def test_chunked_rule_matches_recurrent_outputs_state_and_gradients(chunk_size):
-    inputs = [x.requires_grad_() for x in random_rule_inputs(T=37)]   # 37: not a multiple of any C
+def test_chunked_rule_matches_recurrent_outputs_state_and_gradients(chunk_size, device, precision):
+    rtol, atol = TOLERANCE[precision]["rule"]
+    inputs = [x.to(device).requires_grad_() for x in random_rule_inputs(T=37, dtype=DTYPE[precision])]  # 37: no C divides it
     q, k, v, log_decay, beta, state = inputs
-    o_ref, s_ref = gated_delta_rule(q, k, v, log_decay, beta, state=state)
-    o, s = gated_delta_rule(q, k, v, log_decay, beta, state=state, chunk_size=chunk_size)
-    assert_close(o, o_ref, what="outputs")
-    assert_close(s, s_ref, what="final state")
+    with autocast(device, precision):
+        o_ref, s_ref = gated_delta_rule(q, k, v, log_decay, beta, state=state)
+        o, s = gated_delta_rule(q, k, v, log_decay, beta, state=state, chunk_size=chunk_size)
+    assert_close(o, o_ref, rtol, atol, what="outputs")
+    assert_close(s, s_ref, rtol, atol, what="final state")
     g = torch.Generator().manual_seed(7)
-    w_o, w_s = torch.randn(o.shape, generator=g, dtype=o.dtype), torch.randn(s.shape, generator=g, dtype=s.dtype)
+    w_o, w_s = (torch.randn(x.shape, generator=g, dtype=x.dtype).to(device) for x in (o, s))
     grads_ref = torch.autograd.grad((o_ref * w_o).sum() + (s_ref * w_s).sum(), inputs)
     grads = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), inputs)
     for name, a, b in zip(["q", "k", "v", "log_decay", "beta", "state"], grads, grads_ref):
-        assert_close(a, b, what=f"grad of {name}")
+        assert_close(a, b, rtol, atol, what=f"grad of {name}")
 
 
-def test_chunked_rule_without_initial_state_matches_recurrent():
-    q, k, v, log_decay, beta, _ = random_rule_inputs(T=16)
-    o_ref, s_ref = gated_delta_rule(q, k, v, log_decay, beta)
-    o, s = gated_delta_rule(q, k, v, log_decay, beta, chunk_size=4)
-    assert_close(o, o_ref, what="outputs")
-    assert_close(s, s_ref, what="final state")
+@pytest.mark.parametrize("device, precision", PRECISIONS)
+def test_chunked_rule_without_initial_state_matches_recurrent(device, precision):
+    rtol, atol = TOLERANCE[precision]["rule"]
+    q, k, v, log_decay, beta, _ = (x.to(device) for x in random_rule_inputs(T=16, dtype=DTYPE[precision]))
+    with autocast(device, precision):
+        o_ref, s_ref = gated_delta_rule(q, k, v, log_decay, beta)
+        o, s = gated_delta_rule(q, k, v, log_decay, beta, chunk_size=4)
+    assert_close(o, o_ref, rtol, atol, what="outputs")
+    assert_close(s, s_ref, rtol, atol, what="final state")
 
 
 def test_rule_two_token_example_by_hand():
@@ -190,22 +214,27 @@ def test_gated_deltanet_layer_matches_an_independent_reference(with_context):
 # -- the sleep loop ----------------------------------------------------------------------------
 
 
-def test_one_pass_with_sliding_eviction_is_the_plain_sliding_window_hybrid():
+@pytest.mark.parametrize("device, precision", PRECISIONS)
+def test_one_pass_with_sliding_eviction_is_the_plain_sliding_window_hybrid(device, precision):
     # N = 1 under sliding eviction: no sleep, so the windows must add up to one ordinary pass of a
     # sliding-window-attention + GDN hybrid over the whole sequence.
-    model = tiny_model()
-    x = tokens(2, 29)
-    logits, _ = model(x, sleep_passes=1, eviction="sliding")
-    context, S = model.empty_state(2)
-    h, _, _ = model.block_pass(model.wte(x), torch.arange(29), context, S, span=model.config.window)
-    assert_close(logits, model.head(h), what="windowed N=1 vs one plain pass")
+    model = tiny_model(dtype=DTYPE[precision], device=device)
+    x = tokens(2, 29, device=device)
+    with autocast(device, precision):
+        logits, _ = model(x, sleep_passes=1, eviction="sliding")
+        context, S = model.empty_state(2)
+        h, _, _ = model.block_pass(model.wte(x), torch.arange(29, device=device), context, S, span=model.config.window)
+        plain = model.head(h)
+    assert_close(logits, plain, *TOLERANCE[precision]["model"], what="windowed N=1 vs one plain pass")
 
 
-def test_sleep_passes_one_is_the_plain_hybrid_whatever_the_config_says():
-    x = tokens(2, 29)
-    plain, _ = tiny_model(sleep_passes=1)(x)
-    overridden, _ = tiny_model(sleep_passes=4)(x, sleep_passes=1)
-    assert_close(overridden, plain, what="config N=4 called with N=1 vs config N=1")
+@pytest.mark.parametrize("device, precision", PRECISIONS)
+def test_sleep_passes_one_is_the_plain_hybrid_whatever_the_config_says(device, precision):
+    x = tokens(2, 29, device=device)
+    with autocast(device, precision):
+        plain, _ = tiny_model(sleep_passes=1, dtype=DTYPE[precision], device=device)(x)
+        overridden, _ = tiny_model(sleep_passes=4, dtype=DTYPE[precision], device=device)(x, sleep_passes=1)
+    assert_close(overridden, plain, *TOLERANCE[precision]["model"], what="config N=4 called with N=1 vs config N=1")
 
 
 def test_hard_eviction_hides_evicted_windows_from_attention_only_models():
@@ -358,25 +387,31 @@ def test_compiled_model_matches_eager_loss_and_gradients():
 # -- streaming ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device, precision", PRECISIONS)
 @pytest.mark.parametrize("eviction, injection, layers, sleep_blocks", [
     ("hard", False, "AGAG", None), ("sliding", False, "AGAG", None), ("none", False, "AGAG", None),
     ("hard", True, "AGAG", None),
     # slices that leave a GDN block outside the loop: before it, after it, and with injection
     ("hard", False, "GAGA", (2, 4)), ("sliding", False, "AGAG", (1, 2)), ("sliding", True, "GAGA", (1, 3)),
 ])
-def test_streaming_logits_equal_forward_across_sleep_boundaries(eviction, injection, layers, sleep_blocks):
-    model = tiny_model(sleep_passes=3, input_injection=injection, layers=layers, sleep_blocks=sleep_blocks)
-    x = tokens(2, 29)                                    # windows of 8: three sleeps and a partial window
-    expected, _ = model(x, eviction=eviction)
-    token_by_token = SleepCache(model, 2, eviction=eviction)
-    streamed = torch.cat([token_by_token.feed(x[:, t:t + 1]) for t in range(29)], dim=1)
-    assert_close(streamed, expected, what="token-by-token vs forward")
-    prefill_then_decode = SleepCache(model, 2, eviction=eviction)
-    streamed = torch.cat([prefill_then_decode.feed(x[:, :13])] + [prefill_then_decode.feed(x[:, t:t + 1]) for t in range(13, 29)], dim=1)
-    assert_close(streamed, expected, what="prefill + decode vs forward")
-    for t in (7, 8, 20):                                 # forward on a prefix sees no future
-        prefix, _ = model(x[:, :t + 1], eviction=eviction)
-        assert_close(prefix[:, -1], expected[:, t], what=f"prefix of {t + 1} tokens")
+def test_streaming_logits_equal_forward_across_sleep_boundaries(eviction, injection, layers, sleep_blocks, device,
+                                                                  precision):
+    tolerance = TOLERANCE[precision]["model"]
+    model = tiny_model(sleep_passes=3, input_injection=injection, layers=layers, sleep_blocks=sleep_blocks,
+                       dtype=DTYPE[precision], device=device)
+    x = tokens(2, 29, device=device)                     # windows of 8: three sleeps and a partial window
+    with torch.no_grad(), autocast(device, precision):
+        expected, _ = model(x, eviction=eviction)
+        token_by_token = SleepCache(model, 2, eviction=eviction)
+        streamed = torch.cat([token_by_token.feed(x[:, t:t + 1]) for t in range(29)], dim=1)
+        assert_close(streamed, expected, *tolerance, what="token-by-token vs forward")
+        prefill_then_decode = SleepCache(model, 2, eviction=eviction)
+        streamed = torch.cat([prefill_then_decode.feed(x[:, :13])] +
+                             [prefill_then_decode.feed(x[:, t:t + 1]) for t in range(13, 29)], dim=1)
+        assert_close(streamed, expected, *tolerance, what="prefill + decode vs forward")
+        for t in (7, 8, 20):                             # forward on a prefix sees no future
+            prefix, _ = model(x[:, :t + 1], eviction=eviction)
+            assert_close(prefix[:, -1], expected[:, t], *tolerance, what=f"prefix of {t + 1} tokens")
 
 
 @pytest.mark.parametrize("eviction, sleep_blocks", [("hard", None), ("sliding", None), ("sliding", (1, 2))])
