@@ -30,6 +30,7 @@ Eviction modes (what survives a window boundary):
             whole sequence (the no-eviction upper bound; window and sleep_passes are ignored).
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -342,10 +343,15 @@ class SleepLMConfig:
     conv_size: int = 4            # GDN short conv kernel
     gdn_chunk_size: int = 64      # chunk of the chunkwise-parallel local rule
     rope_base: float = 10000.0
-    bptt_passes: int | None = None     # only the last K passes of a consolidation window carry gradient
+    bptt_passes: int | None = None     # truncated backprop: only the last K passes of a consolidation window are
+                                       # recorded; the earlier ones count as the identity in backward
+                                       # (straight-through, see SleepLM.process_window)
     checkpoint_windows: bool = False   # recompute each window's passes in backward (activation checkpointing)
-    input_injection: bool = False      # add the window's embeddings to the features before every sleep pass
-                                       # (a deviation from Algorithm 1, as in looped / recurrent-depth models)
+    input_injection: bool = False      # add the looped blocks' pass-1 input (the embeddings, by default) to the
+                                       # features before every sleep pass (a deviation from Algorithm 1, as in
+                                       # looped / recurrent-depth models)
+    sleep_blocks: tuple | None = None  # (start, stop): sleep passes run blocks start..stop-1 only, the paper's
+                                       # choice for Jet-Nemotron (its middle 14 of 28); None: every block
 
     def __post_init__(self):
         _check_int("vocab_size", self.vocab_size, 1)
@@ -363,6 +369,13 @@ class SleepLMConfig:
         _check_int("conv_size", self.conv_size, 2)
         _check_int("gdn_chunk_size", self.gdn_chunk_size, 1)
         _check_int("bptt_passes", self.bptt_passes, 1, allow_none=True)
+        if self.sleep_blocks is not None:
+            n = len(self.layers)
+            blocks = tuple(self.sleep_blocks) if isinstance(self.sleep_blocks, (tuple, list)) else ()
+            if not (len(blocks) == 2 and all(type(b) is int for b in blocks) and 0 <= blocks[0] < blocks[1] <= n):
+                raise ValueError(f"sleep_blocks must be None (every block) or (start, stop) with "
+                                 f"0 <= start < stop <= {n} (the number of blocks), got {self.sleep_blocks!r}")
+            self.sleep_blocks = blocks
 
 
 class SleepLM(nn.Module):
@@ -432,18 +445,40 @@ class SleepLM(nn.Module):
              for b in self.blocks]
         return context, S
 
-    def block_pass(self, h, pos, context, S, span):
-        """One pass of the block stack over features h (B, T, C) at positions pos (T,).
+    def block_pass(self, h, pos, context, S, span, blocks=None):
+        """One pass of the blocks in range `blocks` (default: all) over features h (B, T, C) at positions pos (T,).
 
         context: per-block context from before the window; S: per-block fast weights.
-        Returns the new features, the new S and every block's extended context.
+        Returns the new features, the new S and every block's extended context (per-block lists in
+        which a block that did not run keeps the S and the context it was given).
         """
-        S_out, extended = [], []
-        for block, ctx, s in zip(self.blocks, context, S):
-            h, s, ext = block(h, pos, ctx, s, span)
-            S_out.append(s)
-            extended.append(ext)
-        return h, S_out, extended
+        S, extended = list(S), list(context)
+        for i in range(len(self.blocks)) if blocks is None else blocks:
+            h, S[i], extended[i] = self.blocks[i](h, pos, context[i], S[i], span)
+        return h, S, extended
+
+    def looped_blocks(self):
+        """The blocks that the sleep passes run again: range(start, stop) of config.sleep_blocks."""
+        return range(*(self.config.sleep_blocks or (0, len(self.blocks))))
+
+    def wake_pass(self, embeddings, pos, context, S, span):
+        """Pass 1, every block once. Returns the output features, S and the extended context, and
+        what the sleep passes start from: the looped blocks' input (for input injection) and output."""
+        loop = self.looped_blocks()
+        h, S, extended = self.block_pass(embeddings, pos, context, S, span, range(loop.start))
+        loop_input = h
+        h, S, extended = self.block_pass(h, pos, extended, S, span, loop)
+        out, S, extended = self.block_pass(h, pos, extended, S, span, range(loop.stop, len(self.blocks)))
+        return out, S, extended, loop_input, h
+
+    def sleep_pass(self, h, loop_input, pos, context, S, extended, span):
+        """One sleep pass: the looped blocks again, on their own previous output h, from the window's
+        starting context and the current S. The other blocks keep their S and extended context."""
+        loop = self.looped_blocks()
+        if self.config.input_injection:
+            h = h + loop_input
+        h, S, looped = self.block_pass(h, pos, context, S, span, loop)
+        return h, S, extended[:loop.start] + looped[loop.start:loop.stop] + extended[loop.stop:]
 
     def evict(self, extended, window, eviction):
         """What survives a window boundary: under hard eviction nothing but S (handled by the caller);
@@ -465,28 +500,37 @@ class SleepLM(nn.Module):
         """Logits, in float32 (float64 for a float64 model) even under bf16 autocast."""
         return self.lm_head(self.norm_f(h)).to(state_dtype(h))
 
-    def process_window(self, idx, pos, context, S, passes, span, bptt_passes=None):
+    def process_window(self, idx, pos, context, S, passes, span, untracked=0):
         """Algorithm 1 for one window: embed once, then `passes` passes of the block stack.
 
-        Each pass takes the previous pass's features and the S the previous pass left; attention
-        and the conv see the window (and, under sliding eviction, the kept context) only.
-        With bptt_passes = K only the last K passes are recorded for backprop.
+        Pass 1 (wake) runs every block; passes 2..N run the looped blocks (config.sleep_blocks, all by
+        default), each on the previous pass's output of the looped segment and the S the previous
+        pass left. Attention and the conv see the window (and, under sliding eviction, the kept
+        context) only.
+        Truncated backprop: the first `untracked` passes (a Python int, decided by forward) run
+        without gradient, and their result is reconnected to the graph straight-through:
+            h = embeddings + (h_untracked - embeddings).detach()
+            S = S_in + (S_untracked - S_in).detach()          per GDN block
+        The forward values are those of the untracked passes (up to rounding); backward treats the
+        untracked passes as the identity, so the gradient still reaches the embeddings and the
+        incoming S of every window. The weights get no gradient from the untracked passes.
         Returns the wake logits (from pass 1, what a decoder sees), the final S and the extended
-        context of the last pass.
+        context (of the last pass for looped blocks, of pass 1 for the others).
         """
-        embeddings = h = self.wte(idx)
-        wake_logits = None
-        for n in range(passes):
-            grad = torch.is_grad_enabled() and (bptt_passes is None or n >= passes - bptt_passes)
-            with torch.set_grad_enabled(grad):
-                if n > 0 and self.config.input_injection:
-                    h = h + embeddings
-                h, S, extended = self.block_pass(h, pos, context, S, span)
-            if n == 0:
-                # Logits of a consolidation window are never trained on: keep them out of the graph.
-                with torch.set_grad_enabled(torch.is_grad_enabled() and passes == 1):
-                    wake_logits = self.head(h)
-        return wake_logits, S, extended
+        embeddings = self.wte(idx)
+        S_in = S
+        with torch.no_grad() if untracked else contextlib.nullcontext():
+            out, S, extended, loop_input, h = self.wake_pass(embeddings, pos, context, S, span)
+            wake_logits = self.head(out)
+            for _ in range(untracked - 1):
+                h, S, extended = self.sleep_pass(h, loop_input, pos, context, S, extended, span)
+        if untracked:   # straight-through: untracked values, identity gradient
+            h, loop_input = (embeddings + (x - embeddings).detach() for x in (h, loop_input))
+            S = [s if s is None else s_in + (s - s_in).detach() for s_in, s in zip(S_in, S)]
+        for _ in range(passes - max(untracked, 1)):   # the tracked sleep passes
+            h, S, extended = self.sleep_pass(h, loop_input, pos, context, S, extended, span)
+        # Logits of a consolidation window are never trained on: keep them out of the graph.
+        return (wake_logits if passes == 1 else wake_logits.detach()), S, extended
 
     def forward(self, idx, targets=None, *, sleep_passes=None, window=None, eviction=None):
         """Algorithm 1 of the paper (hard eviction), with sliding and no eviction as variants.
@@ -509,6 +553,7 @@ class SleepLM(nn.Module):
         if eviction == "none":
             L, N = T, 1
         span = L if eviction != "none" else float("inf")
+        bptt = self.config.bptt_passes
         context, S = self.empty_state(B, idx.device)
         all_logits, predicted_logits, predicted_targets = [], [], []
         for start in range(0, T, L):
@@ -522,8 +567,11 @@ class SleepLM(nn.Module):
                                      f"but not in others; windows must line up across the batch")
                 consolidate = bool(no_answer.all())
             passes = N if consolidate else 1
+            # Truncated backprop: passes run without gradient. A Python int decided here, so that a
+            # compiled process_window switches grad mode on no symbolic value.
+            untracked = max(passes - bptt, 0) if bptt and torch.is_grad_enabled() else 0
             pos = torch.arange(start, stop, device=idx.device)
-            args = (idx[:, start:stop], pos, context, S, passes, span, self.config.bptt_passes)
+            args = (idx[:, start:stop], pos, context, S, passes, span, untracked)
             if self.config.checkpoint_windows and torch.is_grad_enabled():
                 logits, S, extended = checkpoint(self.process_window, *args, use_reentrant=False)
             else:
@@ -585,15 +633,23 @@ class SleepLM(nn.Module):
 
         The prompt is read window by window (full windows are slept on); then each new token costs
         one wake pass over one token, whatever the distance already generated.
+        temperature > 0 samples from softmax(logits / temperature); temperature = 0 is greedy (argmax).
+        top_k = K samples among the K most likely tokens only; None: no filtering.
         """
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+        _check_int("top_k", top_k, 1, allow_none=True)
         cache = SleepCache(self, idx.shape[0], sleep_passes=sleep_passes, window=window, eviction=eviction)
         logits = cache.feed(idx)[:, -1]
         for _ in range(max_new_tokens):
-            logits = logits / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat([idx, next_id], dim=1)
             logits = cache.feed(next_id)[:, -1]
         return idx
@@ -605,13 +661,14 @@ class SleepCache:
     S               per GDN block, the fast weights: zero at reset, the only memory under hard eviction
     context         per block, what the next token may see: attention KV, conv windows
     window_context  the context as it was when the current window began (the sleep passes start from it)
-    features        the wake pass's output features of the current window's tokens (B, <= L, C)
-    embeddings      the current window's token embeddings (for input injection)
+    features        the wake pass's output features of the looped blocks (the output of the whole stack when
+                    every block sleeps) for the current window's tokens (B, <= L, C)
+    loop_inputs     the looped blocks' wake-pass input (the token embeddings by default), for input injection
 
     wake(idx)   one pass over new tokens of the current window; returns their logits
-    sleep()     the remaining N - 1 passes over the window (pass 1 was the wake pass)
+    sleep()     the remaining N - 1 passes of the looped blocks over the window (pass 1 was the wake pass)
     evict()     drop the window's KV and features; keep S (and, sliding, the newest L - 1 tokens)
-    Memory is bounded by the window: at most 2L - 1 attention entries, L features, and S.
+    Memory is bounded by the window: at most 2L - 1 attention entries, L features and loop inputs, and S.
     """
 
     def __init__(self, model, batch_size, *, sleep_passes=None, window=None, eviction=None):
@@ -624,7 +681,7 @@ class SleepCache:
     def reset(self):
         self.context, self.S = self.model.empty_state(self.batch_size)
         self.window_context = self.context
-        self.features, self.embeddings = [], []
+        self.features, self.loop_inputs = [], []
         self.pos = 0            # absolute position of the next token
         self.window_start = 0
 
@@ -636,27 +693,27 @@ class SleepCache:
         if self.eviction != "none" and self.window_length() + idx.shape[1] > self.window:
             raise ValueError(f"wake got {idx.shape[1]} tokens but only {self.window - self.window_length()} fit in the window")
         pos = torch.arange(self.pos, self.pos + idx.shape[1], device=idx.device)
-        embeddings = self.model.wte(idx)
-        h, self.S, self.context = self.model.block_pass(embeddings, pos, self.context, self.S, self.span)
+        out, self.S, self.context, loop_input, h = self.model.wake_pass(self.model.wte(idx), pos, self.context,
+                                                                         self.S, self.span)
         if self.eviction != "none":
             self.features.append(h)
-            self.embeddings.append(embeddings)
+            self.loop_inputs.append(loop_input)
         self.pos += idx.shape[1]
-        return self.model.head(h)
+        return self.model.head(out)
 
     def sleep(self):
-        """Passes 2..N over the full window, from the window's starting context and the current S."""
-        h, embeddings = torch.cat(self.features, dim=1), torch.cat(self.embeddings, dim=1)
+        """Passes 2..N of the looped blocks over the full window, from the window's starting context
+        and the current S."""
+        h, loop_input = torch.cat(self.features, dim=1), torch.cat(self.loop_inputs, dim=1)
         pos = torch.arange(self.window_start, self.pos, device=h.device)
         for _ in range(self.sleep_passes - 1):
-            if self.model.config.input_injection:
-                h = h + embeddings
-            h, self.S, self.context = self.model.block_pass(h, pos, self.window_context, self.S, self.span)
+            h, self.S, self.context = self.model.sleep_pass(h, loop_input, pos, self.window_context, self.S,
+                                                            self.context, self.span)
 
     def evict(self):
         self.context = self.model.evict(self.context, self.window, self.eviction)
         self.window_context = self.context
-        self.features, self.embeddings = [], []
+        self.features, self.loop_inputs = [], []
         self.window_start = self.pos
 
     def feed(self, idx):

@@ -12,10 +12,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import train
 from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
+
+# Parity tests run on every device here: exactly (float64) on the CPU; on CUDA in float32 and under
+# bf16 autocast. The local rule keeps its state math in float32 under autocast, so its bf16 tolerance
+# is float32's. Measured once under CPU bf16 autocast: rule differences up to 1e-5 (gradients), logits
+# up to 0.06 (about 2 bf16 steps at |logit| 5); planted bugs give far more: rule math in bf16 0.03-0.06
+# (rule tolerance ~1e-4), one sleep pass missing 1.7-4.3 (logit tolerance 0.15 + 0.02 |logit|).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PRECISIONS = [(d, p) for d in DEVICES for p in (["float64"] if d == "cpu" else ["float32", "bf16"])]
+DTYPE = {"float64": torch.float64, "float32": torch.float32, "bf16": torch.float32}
+TOLERANCE = {  # (rtol, atol) for the local rule and for model logits
+    "float64": dict(rule=(1e-10, 1e-12), model=(1e-10, 1e-12)),
+    "float32": dict(rule=(1e-4, 1e-5), model=(1e-4, 1e-4)),
+    "bf16": dict(rule=(1e-4, 1e-5), model=(0.02, 0.15)),
+}
+
+
+def autocast(device, precision):
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def assert_close(actual, expected, rtol=1e-10, atol=1e-12, what=""):
@@ -45,7 +64,7 @@ def tiny_config(**overrides):
     return SleepLMConfig(**config)
 
 
-def tiny_model(seed=0, dtype=torch.float64, **overrides):
+def tiny_model(seed=0, dtype=torch.float64, device="cpu", **overrides):
     """A small model with non-trivial weights (the real init zeros the output projections)."""
     torch.manual_seed(seed)
     model = SleepLM(tiny_config(**overrides)).to(dtype)
@@ -54,38 +73,44 @@ def tiny_model(seed=0, dtype=torch.float64, **overrides):
             if name.endswith("proj.weight"):
                 p.normal_(std=0.3)
         model.lm_head.weight.normal_(std=0.3)
-    return model
+    return model.to(device)
 
 
-def tokens(B, T, vocab=13, seed=1, low=0):
-    return torch.randint(low, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+def tokens(B, T, vocab=13, seed=1, low=0, device="cpu"):
+    return torch.randint(low, vocab, (B, T), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 # -- the local rule ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device, precision", PRECISIONS)
 @pytest.mark.parametrize("chunk_size", [1, 5, 8, 64])
-def test_chunked_rule_matches_recurrent_outputs_state_and_gradients(chunk_size):
-    inputs = [x.requires_grad_() for x in random_rule_inputs(T=37)]   # 37: not a multiple of any C
+def test_chunked_rule_matches_recurrent_outputs_state_and_gradients(chunk_size, device, precision):
+    rtol, atol = TOLERANCE[precision]["rule"]
+    inputs = [x.to(device).requires_grad_() for x in random_rule_inputs(T=37, dtype=DTYPE[precision])]  # 37: no C divides it
     q, k, v, log_decay, beta, state = inputs
-    o_ref, s_ref = gated_delta_rule(q, k, v, log_decay, beta, state=state)
-    o, s = gated_delta_rule(q, k, v, log_decay, beta, state=state, chunk_size=chunk_size)
-    assert_close(o, o_ref, what="outputs")
-    assert_close(s, s_ref, what="final state")
+    with autocast(device, precision):
+        o_ref, s_ref = gated_delta_rule(q, k, v, log_decay, beta, state=state)
+        o, s = gated_delta_rule(q, k, v, log_decay, beta, state=state, chunk_size=chunk_size)
+    assert_close(o, o_ref, rtol, atol, what="outputs")
+    assert_close(s, s_ref, rtol, atol, what="final state")
     g = torch.Generator().manual_seed(7)
-    w_o, w_s = torch.randn(o.shape, generator=g, dtype=o.dtype), torch.randn(s.shape, generator=g, dtype=s.dtype)
+    w_o, w_s = (torch.randn(x.shape, generator=g, dtype=x.dtype).to(device) for x in (o, s))
     grads_ref = torch.autograd.grad((o_ref * w_o).sum() + (s_ref * w_s).sum(), inputs)
     grads = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), inputs)
     for name, a, b in zip(["q", "k", "v", "log_decay", "beta", "state"], grads, grads_ref):
-        assert_close(a, b, what=f"grad of {name}")
+        assert_close(a, b, rtol, atol, what=f"grad of {name}")
 
 
-def test_chunked_rule_without_initial_state_matches_recurrent():
-    q, k, v, log_decay, beta, _ = random_rule_inputs(T=16)
-    o_ref, s_ref = gated_delta_rule(q, k, v, log_decay, beta)
-    o, s = gated_delta_rule(q, k, v, log_decay, beta, chunk_size=4)
-    assert_close(o, o_ref, what="outputs")
-    assert_close(s, s_ref, what="final state")
+@pytest.mark.parametrize("device, precision", PRECISIONS)
+def test_chunked_rule_without_initial_state_matches_recurrent(device, precision):
+    rtol, atol = TOLERANCE[precision]["rule"]
+    q, k, v, log_decay, beta, _ = (x.to(device) for x in random_rule_inputs(T=16, dtype=DTYPE[precision]))
+    with autocast(device, precision):
+        o_ref, s_ref = gated_delta_rule(q, k, v, log_decay, beta)
+        o, s = gated_delta_rule(q, k, v, log_decay, beta, chunk_size=4)
+    assert_close(o, o_ref, rtol, atol, what="outputs")
+    assert_close(s, s_ref, rtol, atol, what="final state")
 
 
 def test_rule_two_token_example_by_hand():
@@ -139,25 +164,79 @@ def test_rule_rejects_bad_shapes(bad):
         gated_delta_rule(q, k, v, log_decay, beta, **kwargs)
 
 
+# -- the Gated DeltaNet layer -------------------------------------------------------------------
+
+
+def reference_gated_deltanet(mixer, x, conv_window, S):
+    """The GDN layer written out step by step, independently of sleep_lm. x: (B, T, C), float64."""
+    B, T, _ = x.shape
+    H, D, K = mixer.n_head, mixer.head_dim, mixer.conv_size
+    qkv = x @ mixer.qkv.weight.T                                          # (B, T, 3HD)
+    if conv_window is None:
+        conv_window = x.new_zeros(B, K - 1, 3 * H * D)
+    padded = torch.cat([conv_window, qkv], dim=1)                        # causal: K - 1 rows before x
+    conv = F.conv1d(padded.transpose(1, 2), mixer.conv_weight, groups=3 * H * D).transpose(1, 2)
+    q, k, v = F.silu(conv).view(B, T, 3, H, D).unbind(2)
+    q = q / torch.sqrt((q ** 2).sum(-1, keepdim=True) + 1e-6) / math.sqrt(D)
+    k = k / torch.sqrt((k ** 2).sum(-1, keepdim=True) + 1e-6)
+    beta = torch.sigmoid(x @ mixer.b_proj.weight.T)                      # (B, T, H)
+    log_decay = -torch.exp(mixer.A_log) * torch.log1p(torch.exp(x @ mixer.a_proj.weight.T + mixer.dt_bias))
+    S = x.new_zeros(B, H, D, D) if S is None else S
+    outputs = []
+    for t in range(T):
+        S = torch.exp(log_decay[:, t, :, None, None]) * S
+        error = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, t]))
+        S = S + torch.einsum("bhk,bhv->bhkv", k[:, t], error)
+        outputs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    o = torch.stack(outputs, dim=1)                                      # (B, T, H, D)
+    o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6) * mixer.o_norm.weight
+    o = o * F.silu((x @ mixer.g_proj.weight.T).view(B, T, H, D))
+    return o.reshape(B, T, H * D) @ mixer.proj.weight.T, S, padded[:, -(K - 1):]
+
+
+@pytest.mark.parametrize("with_context", [False, True])
+def test_gated_deltanet_layer_matches_an_independent_reference(with_context):
+    mixer = tiny_model().blocks[1].mixer
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in mixer.parameters():                     # random everything (the init zeros proj)
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    B, C, H, D, K = 2, 32, mixer.n_head, mixer.head_dim, mixer.conv_size
+    for T in (11, 1):                                    # chunkwise rule (11: no multiple of 4), one token
+        x = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+        conv_window = torch.randn(B, K - 1, 3 * C, generator=g, dtype=torch.float64) if with_context else None
+        S = torch.randn(B, H, D, D, generator=g, dtype=torch.float64) if with_context else None
+        y, S_out, window = mixer(x, torch.arange(T), conv_window, S, 8)
+        y_ref, S_ref, window_ref = reference_gated_deltanet(mixer, x, conv_window, S)
+        assert_close(y, y_ref, what=f"output, T={T}")
+        assert_close(S_out, S_ref, what=f"state, T={T}")
+        assert torch.equal(window, window_ref)
+
+
 # -- the sleep loop ----------------------------------------------------------------------------
 
 
-def test_one_pass_with_sliding_eviction_is_the_plain_sliding_window_hybrid():
+@pytest.mark.parametrize("device, precision", PRECISIONS)
+def test_one_pass_with_sliding_eviction_is_the_plain_sliding_window_hybrid(device, precision):
     # N = 1 under sliding eviction: no sleep, so the windows must add up to one ordinary pass of a
     # sliding-window-attention + GDN hybrid over the whole sequence.
-    model = tiny_model()
-    x = tokens(2, 29)
-    logits, _ = model(x, sleep_passes=1, eviction="sliding")
-    context, S = model.empty_state(2)
-    h, _, _ = model.block_pass(model.wte(x), torch.arange(29), context, S, span=model.config.window)
-    assert_close(logits, model.head(h), what="windowed N=1 vs one plain pass")
+    model = tiny_model(dtype=DTYPE[precision], device=device)
+    x = tokens(2, 29, device=device)
+    with autocast(device, precision):
+        logits, _ = model(x, sleep_passes=1, eviction="sliding")
+        context, S = model.empty_state(2)
+        h, _, _ = model.block_pass(model.wte(x), torch.arange(29, device=device), context, S, span=model.config.window)
+        plain = model.head(h)
+    assert_close(logits, plain, *TOLERANCE[precision]["model"], what="windowed N=1 vs one plain pass")
 
 
-def test_sleep_passes_one_is_the_plain_hybrid_whatever_the_config_says():
-    x = tokens(2, 29)
-    plain, _ = tiny_model(sleep_passes=1)(x)
-    overridden, _ = tiny_model(sleep_passes=4)(x, sleep_passes=1)
-    assert_close(overridden, plain, what="config N=4 called with N=1 vs config N=1")
+@pytest.mark.parametrize("device, precision", PRECISIONS)
+def test_sleep_passes_one_is_the_plain_hybrid_whatever_the_config_says(device, precision):
+    x = tokens(2, 29, device=device)
+    with autocast(device, precision):
+        plain, _ = tiny_model(sleep_passes=1, dtype=DTYPE[precision], device=device)(x)
+        overridden, _ = tiny_model(sleep_passes=4, dtype=DTYPE[precision], device=device)(x, sleep_passes=1)
+    assert_close(overridden, plain, *TOLERANCE[precision]["model"], what="config N=4 called with N=1 vs config N=1")
 
 
 def test_hard_eviction_hides_evicted_windows_from_attention_only_models():
@@ -220,33 +299,152 @@ def test_truncated_backprop_keeps_the_loss_and_checkpointing_keeps_loss_and_grad
         assert_close(ckpt_grads[name], g, what=f"checkpointed grad of {name}")
 
 
+@pytest.mark.parametrize("bptt_passes", [1, 3])
+def test_truncated_backprop_is_straight_through_to_the_first_windows_embeddings(bptt_passes):
+    # Windows 1 and 2 are consolidated (4 passes, the first 4 - K untracked), window 3 predicts.
+    x = torch.cat([tokens(2, 8, vocab=6), tokens(2, 16, seed=2, vocab=13, low=6)], dim=1)  # ids < 6 only in window 1
+    y = torch.full_like(x, -1)
+    y[:, -4:] = x[:, -4:]
+    full_loss = tiny_model(sleep_passes=4)(x, y)[1]
+    model = tiny_model(sleep_passes=4, bptt_passes=bptt_passes)
+    loss = model(x, y)[1]
+    assert_close(loss, full_loss, what="truncated vs full backprop loss")
+    loss.backward()
+    assert model.wte.weight.grad[:6].abs().sum() > 0, "no gradient reached the embeddings of the first window"
+
+
+def test_default_sleep_blocks_is_the_whole_stack_and_one_pass_ignores_the_slice_bitwise():
+    x = tokens(2, 24)
+    for N in (1, 3):
+        whole = tiny_model(sleep_passes=N)(x)[0]
+        assert torch.equal(tiny_model(sleep_passes=N, sleep_blocks=[0, 4])(x)[0], whole)
+    assert torch.equal(tiny_model(sleep_passes=1, sleep_blocks=(1, 3))(x)[0], tiny_model(sleep_passes=1)(x)[0])
+    assert tiny_config(sleep_blocks=[1, 3]).sleep_blocks == (1, 3)
+
+
+def test_sleep_passes_rerun_only_the_sliced_blocks_on_their_own_output():
+    # AGAG looping blocks 1..2: per consolidation window blocks 0 and 3 run once (block 3, a GDN block,
+    # writes its S once), blocks 1 and 2 run N times, each sleep pass on block 2's output plus the
+    # injected block-1 input of pass 1.
+    model = tiny_model(sleep_passes=3, sleep_blocks=(1, 3), input_injection=True)
+    x = tokens(2, 16)                                    # a consolidation window, then a prediction window
+    y = torch.full_like(x, -1)
+    y[:, -3:] = x[:, -3:]
+    calls = [0] * 4
+    hooks = [b.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, b in enumerate(model.blocks)]
+    logits, loss = model(x, y)
+    for hook in hooks:
+        hook.remove()
+    assert calls == [2, 4, 4, 2], "block calls in (consolidation + prediction) windows"
+    blocks, pos, span = model.blocks, torch.arange(8), 8
+    context, S = model.empty_state(2)
+    h, S[0], _ = blocks[0](model.wte(x[:, :8]), pos, context[0], S[0], span)
+    loop_input = h
+    for n in range(3):
+        if n > 0:
+            h = h + loop_input
+        for i in (1, 2):
+            h, S[i], _ = blocks[i](h, pos, context[i], S[i], span)
+        if n == 0:
+            _, S[3], _ = blocks[3](h, pos, context[3], S[3], span)
+    h, _, _ = model.block_pass(model.wte(x[:, 8:]), torch.arange(8, 16), context, S, span)
+    assert_close(logits[:, 8:], model.head(h), what="prediction window after a sliced sleep, by hand")
+    whole_stack = tiny_model(sleep_passes=3, input_injection=True)(x, y)[1]
+    assert (loss - whole_stack).abs() > 1e-8, "looping a slice should change the loss"
+
+
+def test_every_parameter_gets_a_gradient_in_a_training_step():
+    model = tiny_model(sleep_passes=2)
+    x = tokens(2, 24)                                    # two consolidation windows, one prediction window
+    y = torch.full_like(x, -1)
+    y[:, -3:] = x[:, -3:]
+    model(x, y)[1].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
+
+
+def test_compiled_model_matches_eager_loss_and_gradients():
+    # aot_eager_decomp_partition: dynamo + AOT autograd, run eagerly, no C++ compiler. Plain aot_eager
+    # fails in backward on this model with torch 2.13 (eager softplus_backward returns other strides
+    # than the traced graph assumes, "view size is not compatible"); inductor compiles it.
+    model = tiny_model(dtype=torch.float32, layers="AG", gdn_chunk_size=8)
+    compiled = torch.compile(model, backend="aot_eager_decomp_partition")
+    x = tokens(2, 16)                                    # a consolidation window, then a prediction window
+    y = torch.full_like(x, -1)
+    y[:, -3:] = x[:, -3:]
+    for N, bptt_passes in ((1, None), (2, None), (2, 1)):
+        model.config.bptt_passes = bptt_passes
+        results = []
+        for forward in (model, compiled):
+            model.zero_grad()
+            loss = forward(x, y, sleep_passes=N)[1]
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+        assert_close(compiled_loss, eager_loss, 1e-6, 1e-6, what=f"loss, N={N}, bptt_passes={bptt_passes}")
+        for (name, _), a, b in zip(model.named_parameters(), compiled_grads, eager_grads):
+            assert_close(a, b, 1e-4, 1e-6, what=f"grad of {name}, N={N}, bptt_passes={bptt_passes}")
+
+
 # -- streaming ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("eviction, injection", [("hard", False), ("sliding", False), ("none", False), ("hard", True)])
-def test_streaming_logits_equal_forward_across_sleep_boundaries(eviction, injection):
-    model = tiny_model(sleep_passes=3, input_injection=injection)
-    x = tokens(2, 29)                                    # windows of 8: three sleeps and a partial window
-    expected, _ = model(x, eviction=eviction)
-    token_by_token = SleepCache(model, 2, eviction=eviction)
-    streamed = torch.cat([token_by_token.feed(x[:, t:t + 1]) for t in range(29)], dim=1)
-    assert_close(streamed, expected, what="token-by-token vs forward")
-    prefill_then_decode = SleepCache(model, 2, eviction=eviction)
-    streamed = torch.cat([prefill_then_decode.feed(x[:, :13])] + [prefill_then_decode.feed(x[:, t:t + 1]) for t in range(13, 29)], dim=1)
-    assert_close(streamed, expected, what="prefill + decode vs forward")
-    for t in (7, 8, 20):                                 # forward on a prefix sees no future
-        prefix, _ = model(x[:, :t + 1], eviction=eviction)
-        assert_close(prefix[:, -1], expected[:, t], what=f"prefix of {t + 1} tokens")
+@pytest.mark.parametrize("device, precision", PRECISIONS)
+@pytest.mark.parametrize("eviction, injection, layers, sleep_blocks", [
+    ("hard", False, "AGAG", None), ("sliding", False, "AGAG", None), ("none", False, "AGAG", None),
+    ("hard", True, "AGAG", None),
+    # slices that leave a GDN block outside the loop: before it, after it, and with injection
+    ("hard", False, "GAGA", (2, 4)), ("sliding", False, "AGAG", (1, 2)), ("sliding", True, "GAGA", (1, 3)),
+])
+def test_streaming_logits_equal_forward_across_sleep_boundaries(eviction, injection, layers, sleep_blocks, device,
+                                                                  precision):
+    tolerance = TOLERANCE[precision]["model"]
+    model = tiny_model(sleep_passes=3, input_injection=injection, layers=layers, sleep_blocks=sleep_blocks,
+                       dtype=DTYPE[precision], device=device)
+    x = tokens(2, 29, device=device)                     # windows of 8: three sleeps and a partial window
+    with torch.no_grad(), autocast(device, precision):
+        expected, _ = model(x, eviction=eviction)
+        token_by_token = SleepCache(model, 2, eviction=eviction)
+        streamed = torch.cat([token_by_token.feed(x[:, t:t + 1]) for t in range(29)], dim=1)
+        assert_close(streamed, expected, *tolerance, what="token-by-token vs forward")
+        prefill_then_decode = SleepCache(model, 2, eviction=eviction)
+        streamed = torch.cat([prefill_then_decode.feed(x[:, :13])] +
+                             [prefill_then_decode.feed(x[:, t:t + 1]) for t in range(13, 29)], dim=1)
+        assert_close(streamed, expected, *tolerance, what="prefill + decode vs forward")
+        for t in (7, 8, 20):                             # forward on a prefix sees no future
+            prefix, _ = model(x[:, :t + 1], eviction=eviction)
+            assert_close(prefix[:, -1], expected[:, t], *tolerance, what=f"prefix of {t + 1} tokens")
 
 
-def test_decode_memory_is_bounded_by_the_window():
-    model = tiny_model(sleep_passes=2, eviction="sliding")
+@pytest.mark.parametrize("eviction, sleep_blocks", [("hard", None), ("sliding", None), ("sliding", (1, 2))])
+def test_cache_holds_exactly_the_current_window_and_the_kept_context(eviction, sleep_blocks):
+    L = 8
+    model = tiny_model(sleep_passes=2, eviction=eviction, window=L, sleep_blocks=sleep_blocks)
     cache = SleepCache(model, 1)
-    for t in range(40):
-        cache.feed(tokens(1, 1, seed=t))
-        attention_entries = [ctx[0].shape[2] for ctx in cache.context if isinstance(ctx, tuple)]
-        assert max(attention_entries) <= 2 * model.config.window - 1
-        assert sum(f.shape[1] for f in cache.features) < model.config.window
+    for n in range(1, 3 * L + 4):                        # n tokens read so far
+        cache.feed(tokens(1, 1, seed=n))
+        in_window = n % L                                # 0: a full window was just slept on and evicted
+        kept = min(L - 1, n - in_window) if eviction == "sliding" else 0   # what the last eviction kept
+        for ctx, block in zip(cache.context, model.blocks):
+            if block.kind == "A":
+                assert ctx[0].shape[2] == ctx[1].shape[2] == kept + in_window, f"attention entries after {n} tokens"
+                assert ctx[2].tolist() == list(range(n - kept - in_window, n)), "the newest positions are kept"
+            else:
+                assert (ctx is None) if eviction == "hard" and in_window == 0 else (ctx.shape[1] == 3)
+        assert sum(f.shape[1] for f in cache.features) == sum(e.shape[1] for e in cache.loop_inputs) == in_window
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_generate_at_temperature_zero_is_greedy(eviction):
+    model = tiny_model(sleep_passes=2, eviction=eviction)
+    prompt = tokens(2, 5)
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(12):                              # crosses two window boundaries
+            next_id = model(expected)[0][:, -1].argmax(dim=-1, keepdim=True)
+            expected = torch.cat([expected, next_id], dim=1)
+    assert torch.equal(model.generate(prompt, 12, temperature=0), expected)
+    assert torch.equal(model.generate(prompt, 12, top_k=1), expected)   # one candidate left: greedy too
 
 
 def test_generate_long_random_stream_stays_finite():
@@ -271,6 +469,8 @@ def test_generate_long_random_stream_stays_finite():
 @pytest.mark.parametrize("field, value", [
     ("window", 0), ("sleep_passes", 0), ("eviction", "soft"), ("layers", "AXG"), ("layers", ""),
     ("n_embd", 30), ("vocab_size", 0), ("bptt_passes", 0), ("sleep_passes", 1.5),
+    ("sleep_blocks", (2, 2)), ("sleep_blocks", (0, 5)), ("sleep_blocks", (-1, 2)), ("sleep_blocks", 3),
+    ("sleep_blocks", (0, 1, 2)), ("sleep_blocks", (0.0, 2)),
 ])
 def test_invalid_config_raises_value_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -301,6 +501,10 @@ def test_invalid_calls_raise_value_error_naming_the_argument():
         model(x, window=-2)
     with pytest.raises(ValueError, match="eviction"):
         model.generate(x, 2, eviction="partial")
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(x, 2, temperature=-0.5)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(x, 2, top_k=0)
 
 
 # -- the tasks (data.py): every answer re-derived from the decoded text by an independent solver --
