@@ -1023,6 +1023,7 @@ def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tm
     (["--task=chess"], "--task"), (["--preset=huge"], "--preset"), (["--learning_rate=fast"], "--learning_rate"),
     (["--no_such_key=1"], "unknown setting --no_such_key"), (["--compile=maybe"], "--compile"), (["max_iters=3"], "--key=value"),
     (["--eval_interval=0"], "--eval_interval"), (["--sweep=1,2", "--train_sleep_passes=1,2"], "--train_sleep_passes"),
+    (["--sleep_blocks=2"], "--sleep_blocks"), (["--num_workers=-2"], "--num_workers"), (["--parallel=0"], "--parallel"),
 ])
 def test_invalid_flags_are_refused_with_a_clear_message(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -1093,6 +1094,11 @@ def test_default_output_folders_name_the_task_preset_and_every_changed_setting()
         os.path.join("out", "rule110-cpu", "N1_seed0_max_iters=13000_t_max=6")
     assert out_dir("--sweep=1,4", "--seeds=0,1") == os.path.join("out", "rule110-cpu", "sweep")
     assert out_dir("--eval_interval=10", "--device=cpu") == out_dir()   # run control is not in the name
+    assert out_dir("--sleep_blocks=1:2") == os.path.join("out", "rule110-cpu", "N4_seed0_sleep_blocks=1-2")
+    with pytest.raises(ValueError, match="sleep_blocks"):                   # AG has 2 blocks
+        train.build_model(train.parse_args(["--sleep_blocks=1:3"])[0], train.make_task("rule110"))
+    model = train.build_model(train.parse_args(["--sleep_blocks=1:2", "--layer_repeat=2"])[0], train.make_task("rule110"))
+    assert model.config.sleep_blocks == (1, 2) and model.config.layers == "AGAG"
 
 
 def test_readme_training_commands_never_share_an_output_folder():
@@ -1110,7 +1116,8 @@ def test_readme_training_commands_never_share_an_output_folder():
 
 def test_the_readme_checkpoint_example_runs(tmp_path, capsys):
     quiet_train(SMOKE + [f"--out_dir={tmp_path}"])
-    code = re.search(r"```python\n(.*?ckpt = torch\.load.*?)```", (HERE / "README.md").read_text(), re.S).group(1)
+    blocks = [b.split("```")[0] for b in (HERE / "README.md").read_text().split("```python\n")[1:]]
+    (code,) = [b for b in blocks if "ckpt = torch.load" in b]
     exec(code.replace("out/rule110-cpu/N4_seed0/ckpt.pt", str(tmp_path / "ckpt.pt")), {})
     out = capsys.readouterr().out
     assert "tensor([[" in out and float(re.search(r"streamed vs forward: (\S+)", out).group(1)) < 1e-4

@@ -61,6 +61,7 @@ class TrainConfig:
     layers: str = "AGAG"             # one letter per block: A causal attention, G Gated DeltaNet
     layer_repeat: int = 1            # repeat the layer pattern (--sleep_passes=1 --layer_repeat=4: the compute-matched baseline)
     sleep_passes: int = 4            # N, passes over each full window (1 = no sleep); the window L is the task's
+    sleep_blocks: str = ""           # start:stop, the blocks that sleep passes 2..N run (wake runs all); "" = every block
     eviction: str = "hard"           # what crosses a window boundary: hard (only S), sliding (S + the last L-1 tokens), none (no windows)
     bptt_passes: int = 0             # 0 = full backprop; K = backprop through the last K passes (straight through the others)
     checkpoint_windows: bool = False  # recompute each window's passes in backward: less memory, more time
@@ -205,7 +206,7 @@ def run_name(cfg, task_overrides, sweep=False):
     text = "_".join(f"{k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
                     for k, v in extra + sorted(task_overrides.items()))
     head = "sweep" if sweep else f"N{cfg.sleep_passes}_seed{cfg.seed}"
-    return re.sub(r"[^\w=,.:+-]", "-", f"{head}_{text}" if text else head)
+    return re.sub(r"[^\w=,.+-]", "-", f"{head}_{text}" if text else head)
 
 
 def load_checkpoint(path):
@@ -278,6 +279,7 @@ def check_config(cfg):
         raise ValueError(f"--num_workers must be -1 (auto), 0 (in the loop) or more, got {cfg.num_workers}")
     for name in ("sweep", "seeds", "eval_sleep_passes", "train_sleep_passes"):
         int_list(getattr(cfg, name), name)
+    block_slice(cfg.sleep_blocks)
     if cfg.sweep and cfg.train_sleep_passes:
         raise ValueError("--sweep trains one model per N: it cannot be combined with --train_sleep_passes")
     if cfg.sweep and ("G" not in cfg.layers or cfg.eviction == "none"):
@@ -317,12 +319,22 @@ def pick_device(name):
 # Model, schedule, evaluation, checkpoints.
 
 
+def block_slice(text):
+    """--sleep_blocks: "" -> None (every block), "1:3" -> (1, 3)."""
+    if not text:
+        return None
+    start, colon, stop = text.partition(":")
+    if not (colon and start.isdigit() and stop.isdigit()):
+        raise ValueError(f"--sleep_blocks expects start:stop (block indices, e.g. 1:3) or nothing, got {text!r}")
+    return int(start), int(stop)
+
+
 def build_model(cfg, task):
     config = SleepLMConfig(
         vocab_size=task.vocab_size, n_embd=cfg.n_embd, n_head=cfg.n_head, layers=cfg.layers * cfg.layer_repeat,
         window=task.window, sleep_passes=cfg.sleep_passes, eviction=cfg.eviction,
         bptt_passes=cfg.bptt_passes or None, checkpoint_windows=cfg.checkpoint_windows,
-        input_injection=cfg.input_injection)
+        input_injection=cfg.input_injection, sleep_blocks=block_slice(cfg.sleep_blocks))
     return SleepLM(config)
 
 
@@ -477,12 +489,14 @@ def train(cfg, task_overrides, log=print):
     task = make_task(cfg.task, preset=cfg.preset, **task_overrides)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, task)
-    if ckpt is not None and dataclasses.asdict(model.config) != ckpt["model_config"]:
-        if cfg.resume:
-            differ = {k: (v, ckpt["model_config"][k]) for k, v in dataclasses.asdict(model.config).items()
-                      if v != ckpt["model_config"][k]}
+    if ckpt is not None:
+        # a checkpoint from before a field existed was written with that field's default
+        saved_model = {f.name: ckpt["model_config"].get(f.name, f.default) for f in dataclasses.fields(SleepLMConfig)}
+        differ = {k: (v, saved_model[k]) for k, v in dataclasses.asdict(model.config).items() if v != saved_model[k]}
+        if differ and cfg.resume:
             raise ValueError(f"--resume with model settings that differ from the checkpoint's (flag, checkpoint): {differ}")
-        model = SleepLM(SleepLMConfig(**ckpt["model_config"]))     # --eval_only: the checkpoint's model
+        if differ:
+            model = SleepLM(SleepLMConfig(**saved_model))          # --eval_only: the checkpoint's model
     if cfg.init_from and ckpt is None:
         load_weights(model, cfg.init_from)
     model = model.to(device)
