@@ -343,9 +343,10 @@ class Depo(Task):
 
     Training: n in min_nodes..max_nodes with weight 1/(n + sqrt(max_nodes)), every query's hop
     uniform in 1..max_hops, difficulty = the largest hop in the example. Evaluation at level k:
-    n = max_nodes and all queries at hop k. No (hop, start) pair repeats within an example (else
-    its answer would already stand, teacher-forced, in the same window): the pairs are drawn
-    without replacement, so at evaluation the starts are distinct. Metric "item": the fraction of
+    n = max_nodes and all queries at hop k. No query of an example can be answered from an earlier
+    one in the same window (its answer would already stand there, teacher-forced): the (hop, start)
+    pairs are distinct, and so are their (hop mod n, start), since k and k + n hops from one start
+    end on the same node. At evaluation the starts are distinct. Metric "item": the fraction of
     queries answered.
 
     CPU preset, decoded by `python data.py depo` (one window per line):
@@ -454,10 +455,14 @@ class Depo(Task):
             for i in rng.permutation(nodes):
                 graph += [*names[i], self.arrow_id, *names[(i + 1) % nodes]]
             idx[row, p["graph_len"] - len(graph):p["graph_len"]] = graph
-            # Distinct (hop, start) pairs: a repeated query would find its answer teacher-forced
-            # earlier in the same window, answerable without remembering the graph.
-            pairs = rng.choice(len(levels) * nodes, size=p["queries"], replace=False)
-            hops, starts = np.asarray(levels)[pairs // nodes], pairs % nodes
+            # No two queries with the same answer for the same reason: a repeated (hop, start), or
+            # hops that differ by a multiple of n from one start, would find the answer teacher-forced
+            # earlier in the window, answerable without remembering the graph. Drawn until it holds.
+            while True:
+                pairs = rng.choice(len(levels) * nodes, size=p["queries"], replace=False)
+                hops, starts = np.asarray(levels)[pairs // nodes], pairs % nodes
+                if len(set(zip((hops % nodes).tolist(), starts.tolist()))) == p["queries"]:
+                    break
             position = p["graph_len"]
             for hop, start in zip(hops, starts):
                 answer = names[(start + hop) % nodes]
@@ -471,8 +476,9 @@ class Depo(Task):
 
     def _draw_node_count(self, rng, levels):
         """A training graph's n, weighted 1/(n + sqrt(max_nodes)) over the n that give at least
-        `queries` distinct (hop, start) pairs with these hop counts."""
-        enough = self.node_counts * len(levels) >= self.params["queries"]
+        `queries` queries with distinct answers-by-construction: (hop mod n, start) pairs."""
+        residues = np.array([len({level % n for level in levels}) for n in self.node_counts])
+        enough = self.node_counts * residues >= self.params["queries"]
         require(enough.any(), "levels", levels, f"too few hop counts for {self.params['queries']} distinct queries")
         weights = self.node_weights * enough
         return int(rng.choice(self.node_counts, p=weights / weights.sum()))

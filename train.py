@@ -184,9 +184,17 @@ def parse_args(argv):
     return cfg, overrides
 
 
+def nothing_sleeps(cfg):
+    """True when N cannot change the model: --eviction=none has no windows, and under hard eviction
+    only S crosses a window, so sleep passes over blocks without a G block (no S) leave no trace.
+    (Under sliding eviction the kept attention context comes from the last pass, so N matters.)"""
+    looped = (cfg.layers * cfg.layer_repeat)[slice(*(block_slice(cfg.sleep_blocks) or (None,)))]
+    return cfg.eviction == "none" or (cfg.eviction == "hard" and "G" not in looped)
+
+
 def effective_sleep_passes(cfg, explicit):
     """The N the model is saved, named and evaluated at: with --train_sleep_passes the largest trained N;
-    1 when nothing can sleep (no G block holds a state S, or --eviction=none has no windows)."""
+    1 when nothing sleeps (see nothing_sleeps)."""
     n = cfg.sleep_passes
     choices = int_list(cfg.train_sleep_passes, "train_sleep_passes")
     if choices:
@@ -194,7 +202,7 @@ def effective_sleep_passes(cfg, explicit):
             raise ValueError(f"--sleep_passes={n} is not among --train_sleep_passes={cfg.train_sleep_passes}: the model "
                              f"is saved and evaluated at a trained N (by default the largest, {max(choices)})")
         n = n if explicit else max(choices)
-    return 1 if "G" not in cfg.layers or cfg.eviction == "none" else n
+    return 1 if nothing_sleeps(cfg) else n
 
 
 def run_name(cfg, task_overrides, sweep=False):
@@ -203,6 +211,8 @@ def run_name(cfg, task_overrides, sweep=False):
     defaults = preset_settings(cfg.task, cfg.preset)
     skip = {"task", "preset", "sleep_passes", "seed", *RUN_CONTROL}
     extra = [(k, v) for k, v in dataclasses.asdict(cfg).items() if k not in skip and v != defaults[k]]
+    task_defaults = make_task(cfg.task, preset=cfg.preset).params
+    task_overrides = {k: v for k, v in task_overrides.items() if v != task_defaults[k]}
     text = "_".join(f"{k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
                     for k, v in extra + sorted(task_overrides.items()))
     head = "sweep" if sweep else f"N{cfg.sleep_passes}_seed{cfg.seed}"
@@ -212,7 +222,8 @@ def run_name(cfg, task_overrides, sweep=False):
 def load_checkpoint(path):
     """A checkpoint as a dict (tensors on the CPU), or a ValueError that names the file."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no checkpoint at {path}: give the flags the run was started with (they name "
+                                f"its folder) or its --out_dir")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:   # truncated, not a checkpoint, or from an incompatible version
@@ -241,10 +252,14 @@ def restore_run(cfg, overrides, given):
         raise ValueError(f"--{'resume' if cfg.resume else 'eval_only'} takes the run's settings from {path}; these "
                          f"flags differ from it: {', '.join(differ)}. Only {', '.join(sorted(may_change))} may change "
                          f"(start a new run in another --out_dir, or --init_from={cfg.out_dir} to start from its weights)")
-    keep = {k: getattr(cfg, k) for k in may_change if k in given or k in ("out_dir", "resume", "eval_only")}
+    # the machine's settings come from this command line (its defaults if not given), the rest of
+    # the run control from the checkpoint unless given
+    here = ("out_dir", "resume", "eval_only", "device", "num_workers", "compile", "parallel")
+    keep = {k: getattr(cfg, k) for k in may_change if k in given or k in here}
     cfg = dataclasses.replace(saved, **keep)
-    if cfg.resume and cfg.max_iters < ckpt["step"]:
-        raise ValueError(f"--max_iters={cfg.max_iters} is below the checkpoint's step {ckpt['step']}")
+    if cfg.resume and cfg.max_iters < saved.max_iters:
+        raise ValueError(f"--max_iters={cfg.max_iters} is below the run's {saved.max_iters}: a resumed run can "
+                         f"only be extended")
     check_config(cfg)
     return cfg, dict(ckpt["task"])
 
@@ -282,9 +297,12 @@ def check_config(cfg):
     block_slice(cfg.sleep_blocks)
     if cfg.sweep and cfg.train_sleep_passes:
         raise ValueError("--sweep trains one model per N: it cannot be combined with --train_sleep_passes")
-    if cfg.sweep and ("G" not in cfg.layers or cfg.eviction == "none"):
-        raise ValueError(f"--sweep over N with --layers={cfg.layers} --eviction={cfg.eviction}: nothing sleeps "
-                         f"(no G block, or no windows), so every N is the same model; use --sleep_passes=1")
+    if cfg.sweep and nothing_sleeps(cfg):
+        raise ValueError(f"--sweep over N with --layers={cfg.layers} --sleep_blocks={cfg.sleep_blocks} "
+                         f"--eviction={cfg.eviction}: nothing sleeps (no G block among the looped ones under hard "
+                         f"eviction, or no windows), so every N is the same model; use --sleep_passes=1")
+    if cfg.parallel > 1 and "RANK" in os.environ:
+        raise ValueError("--parallel starts its own processes: run it without torchrun")
     if cfg.sweep and (cfg.resume or cfg.eval_only):
         raise ValueError("--sweep resumes the runs it finds by itself: drop --resume / --eval_only")
     if cfg.resume and cfg.eval_only:
@@ -444,7 +462,12 @@ def step_batches(dataset, start, num_workers, pin_memory):
         return (dataset[step] for step in range(start, len(dataset)))
     return iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
                                             num_workers=num_workers, pin_memory=pin_memory,
-                                            worker_init_fn=lambda _: torch.set_num_threads(1)))
+                                            worker_init_fn=one_thread))
+
+
+def one_thread(worker_id):
+    """A batch worker's torch threads: one (the workers run side by side)."""
+    torch.set_num_threads(1)
 
 
 def distributed(device):
@@ -638,11 +661,13 @@ def sweep(cfg, task_overrides, log=print):
         done = os.path.exists(os.path.join(run_cfg.out_dir, "ckpt.pt"))
         log(f"=== sweep: N={run_cfg.sleep_passes} seed={run_cfg.seed}{' (resuming from its checkpoint)' if done else ''} ===")
         result = train(dataclasses.replace(run_cfg, resume=done), task_overrides, log)
+        if int(os.environ.get("RANK", 0)) != 0:
+            continue                  # the other processes of torchrun help train; rank 0 evaluates and collects
         runs.append(dict(sleep_passes=run_cfg.sleep_passes, seed=run_cfg.seed, final=result["final"][run_cfg.sleep_passes],
                          history=result["history"], elapsed=result["elapsed"], steps=len(result["losses"])))
-    table = results_table(task, runs)
     if int(os.environ.get("RANK", 0)) != 0:
         return runs
+    table = results_table(task, runs)
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump(dict(config=dataclasses.asdict(cfg), task=task.params, metric=task.metric, runs=runs), f, indent=1)
