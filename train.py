@@ -499,8 +499,9 @@ def train(cfg, task_overrides, log=print):
     ckpt = None
     if cfg.resume or cfg.eval_only:
         ckpt = load_checkpoint(ckpt_path)
-        differ = {k: (v, getattr(saved_config(ckpt), k)) for k, v in dataclasses.asdict(cfg).items()
-                  if k not in RUN_CONTROL and k != "max_iters" and v != getattr(saved_config(ckpt), k)}
+        saved = dataclasses.asdict(saved_config(ckpt))
+        differ = {k: (v, saved[k]) for k, v in dataclasses.asdict(cfg).items()
+                  if k not in RUN_CONTROL and k != "max_iters" and v != saved[k]}
         differ.update({k: (v, ckpt["task"].get(k)) for k, v in task_overrides.items() if ckpt["task"].get(k) != v})
         if differ:
             raise ValueError(f"{ckpt_path} holds another run: settings that differ (this run, checkpoint): {differ}")
