@@ -213,10 +213,15 @@ def run_name(cfg, task_overrides, sweep=False):
     extra = [(k, v) for k, v in dataclasses.asdict(cfg).items() if k not in skip and v != defaults[k]]
     task_defaults = make_task(cfg.task, preset=cfg.preset).params
     task_overrides = {k: v for k, v in task_overrides.items() if v != task_defaults[k]}
-    text = "_".join(f"{k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
+    text = "_".join(f"{k}={flag_text(v)}"
                     for k, v in extra + sorted(task_overrides.items()))
     head = "sweep" if sweep else f"N{cfg.sleep_passes}_seed{cfg.seed}"
     return re.sub(r"[^\w=,.+-]", "-", f"{head}_{text}" if text else head)
+
+
+def flag_text(value):
+    """A setting's value as --key=value writes it: (1, 2) -> "1,2"."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def load_checkpoint(path):
@@ -277,7 +282,7 @@ def help_text(argv):
     task = make_task(task_name, preset=preset)
     lines += ["", f"parameters of task {task_name} (preset {preset}), also --key=value; "
               f"see `python data.py {task_name} --preset={preset}`:"]
-    lines += [f"  --{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in task.params.items()]
+    lines += [f"  --{k}={flag_text(v)}" for k, v in task.params.items()]
     return "\n".join(lines)
 
 
@@ -693,7 +698,7 @@ def train_side_by_side(run_cfgs, task_overrides, parallel, log):
             run_cfg = waiting.pop(0)
             run_cfg = dataclasses.replace(run_cfg, resume=os.path.exists(os.path.join(run_cfg.out_dir, "ckpt.pt")))
             argv = [f"--{k}={v}" for k, v in dataclasses.asdict(run_cfg).items()]
-            argv += [f"--{k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in task_overrides.items()]
+            argv += [f"--{k}={flag_text(v)}" for k, v in task_overrides.items()]
             os.makedirs(run_cfg.out_dir, exist_ok=True)
             log_file = open(os.path.join(run_cfg.out_dir, "train.log"), "a")
             process = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=log_file,
