@@ -597,8 +597,11 @@ class Math(Task):
     presets = {
         "paper": dict(rendering="symbolic", op_min=1, op_max=8, levels=(2, 4, 6, 8), values=20,
                       quantities=900, min_tokens=2048, max_tokens=3300, window=2000),
-        "cpu": dict(rendering="symbolic", op_min=1, op_max=4, levels=(1, 2, 3, 4), values=20,
-                    quantities=64, min_tokens=100, max_tokens=192, window=96),
+        # The cpu preset is the small setting that a 2-layer model learns from scratch in minutes
+        # (README, Results: the levers tried). The realistic rendering is about 3x longer: give it
+        # min_tokens=98 max_tokens=168 window=96.
+        "cpu": dict(rendering="symbolic", op_min=1, op_max=2, levels=(1, 2), values=10,
+                    quantities=24, min_tokens=34, max_tokens=56, window=32),
     }
 
     def _validate(self):
@@ -616,14 +619,16 @@ class Math(Task):
                 f"must be <= {pool} for the realistic rendering")
         lengths = self._statement_lengths()
         longest = max(lengths[kind] for kind in OPERATIONS)
+        hint = (" (realistic statements are about 3x longer than symbolic ones; at the cpu preset give "
+                "min_tokens=98 max_tokens=168 window=96)") if p["rendering"] == "realistic" else ""
         require(p["max_tokens"] >= p["min_tokens"] + longest, "max_tokens", p["max_tokens"],
-                f"must be >= min_tokens + {longest} (the longest statement)")
+                f"must be >= min_tokens + {longest} (the longest statement){hint}")
         require(p["quantities"] * lengths["const"] >= p["max_tokens"], "quantities", p["quantities"],
                 f"must be >= {math.ceil(p['max_tokens'] / lengths['const'])}: distractors need fresh quantities")
         hardest = max(p["op_max"], *p["levels"])
         worst = lengths["question"] + hardest * longest + (hardest + 1) * lengths["const"] + 2
         require(worst <= p["max_tokens"], "max_tokens", p["max_tokens"],
-                f"must be >= {worst} to fit a problem with {hardest} operations")
+                f"must be >= {worst} to fit a problem with {hardest} operations{hint}")
 
     def _statement_lengths(self):
         """Tokens per statement kind (and for the question) in this rendering."""

@@ -678,10 +678,13 @@ def test_depo_small_graphs_still_get_distinct_queries():
         data.make_task("depo", "cpu", queries=9)
 
 
+REALISTIC_CPU = dict(min_tokens=98, max_tokens=168, window=96)   # the cpu preset's sizes for realistic statements
+
+
 @pytest.mark.parametrize("rendering", ["symbolic", "realistic"])
 def test_math_answers_match_evaluating_the_decoded_statements(rendering):
     for preset, batch in (("cpu", 300), ("paper", 6)):
-        task = data.make_task("math", preset, rendering=rendering)
+        task = data.make_task("math", preset, rendering=rendering, **(REALISTIC_CPU if (rendering, preset) == ("realistic", "cpu") else {}))
         idx, targets, difficulty = task.train_batch(batch, step=2)
         with_distractors = 0
         for tokens, target_row, op in zip(rows_of(task, idx), targets, difficulty.tolist()):
@@ -815,7 +818,7 @@ def test_the_evaluation_split_holds_one_input_in_sixteen(name):
 
 
 def test_data_cli_takes_overrides_as_key_value_and_as_flags(capsys):
-    data.main(["math", "--rendering=realistic", "--examples=1"])
+    data.main(["math", "--rendering=realistic", *(f"--{k}={v}" for k, v in REALISTIC_CPU.items()), "--examples=1"])
     data.main(["depo", "max_hops=1", "--examples=1"])
     out = capsys.readouterr().out
     assert "'rendering': 'realistic'" in out and "'max_hops': 1" in out
@@ -839,7 +842,7 @@ def test_train_batch_levels_restrict_the_difficulty():
 
 @pytest.mark.parametrize("name", ["rule110", "depo", "math"])
 def test_encode_inverts_decode(name):
-    task = data.make_task(name, rendering="realistic") if name == "math" else data.make_task(name)
+    task = data.make_task(name, rendering="realistic", **REALISTIC_CPU) if name == "math" else data.make_task(name)
     idx = task.train_batch(4, step=0)[0]
     for row in idx:
         assert task.encode(task.decode(row)) == row.tolist()
@@ -869,8 +872,9 @@ def test_encode_inverts_decode(name):
     ("math", "cpu", dict(rendering="latex"), "rendering"),
     ("math", "cpu", dict(op_min=0), "op_min"),
     ("math", "cpu", dict(window=120), "min_tokens"),
-    ("math", "cpu", dict(max_tokens=104), "max_tokens"),
-    ("math", "cpu", dict(quantities=20), "quantities"),
+    ("math", "cpu", dict(max_tokens=38), "max_tokens"),
+    ("math", "cpu", dict(rendering="realistic"), "max_tokens"),
+    ("math", "cpu", dict(quantities=10), "quantities"),
     ("math", "paper", dict(rendering="realistic", quantities=1000), "quantities"),
     ("math", "cpu", dict(levels=(30,)), "max_tokens"),
 ])

@@ -111,7 +111,7 @@ PRESETS = {
     # Two layers (AG): one pass is too shallow for long rollouts, so N = 4 has something to add.
     ("rule110", "cpu"): dict(n_embd=64, n_head=2, layers="AG", batch_size=128, max_iters=4000, eval_interval=500),
     ("depo", "cpu"): dict(n_embd=64, n_head=2, layers="AG", batch_size=64, max_iters=3000, eval_interval=500),
-    ("math", "cpu"): dict(n_embd=64, n_head=2, layers="AG", batch_size=32, max_iters=500, eval_interval=250),
+    ("math", "cpu"): dict(n_embd=64, n_head=2, layers="AG", batch_size=64, max_iters=3000, eval_interval=500),
     # One GPU, the paper's model (4 layers, d = 256, AGAG) and batch sizes; Muon 2e-3 / AdamW 5e-5.
     # Rule 110: ~5B tokens = 100k steps of 512 x 100 tokens. Depo and math: sized to a 1-2 GPU-day run.
     ("rule110", "paper"): dict(n_embd=256, n_head=4, batch_size=512, max_iters=100_000, adamw_lr=5e-5,
