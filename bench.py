@@ -7,7 +7,7 @@ bench.py: how fast sleep-lm is, both halves: sleep (training through N passes) a
 
 Prints one markdown table. Every time is the median of --repeats runs after a warm-up, and every
 ratio compares numbers measured in the same run, interleaved round by round so that background load
-hits both sides alike. Float32 throughout. Nothing here is a test: timings are never asserted.
+hits both sides alike. Float32 (on CUDA the training steps run under bf16 autocast, as train.py). Nothing here is a test: timings are never asserted.
 On a CPU shared with other jobs, run with --threads=1 (or OMP_WAIT_POLICY=PASSIVE): two spinning
 OpenMP threads that must meet at every op stall whenever the scheduler parks one of them, and a run
 can then take 100x longer.
@@ -30,6 +30,13 @@ What is measured:
               CUDA: torch.cuda.max_memory_allocated; CPU: the allocation events recorded by
               torch.profiler(profile_memory=True), summed in time order; MPS: n/a.
   5. compile  the Rule 110 N=1 training step under torch.compile, where it works ("n/a" and why if not).
+  6. paper    one training step of the Rule 110 and Depo paper presets (AGAG d=256, 4 heads, batch 512 /
+              128) at N = 1 and 4: the GPU sizes (by default only on CUDA; --only=paper elsewhere).
+
+Training rows (train, paper) also give the model FLOPs utilisation: the matmul FLOPs of one forward +
+backward (counted once by torch.utils.flop_counter; the optimizer's own matmuls are left out) / the
+step's time / the device's peak (--peak_tflops, or the bf16 dense tensor-core peak for the GPUs in
+PEAK_TFLOPS; none for a CPU unless given). On CUDA the training rows run under bf16 autocast, as train.py.
 """
 
 import argparse
@@ -42,9 +49,11 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
-from data import make_task
+from data import PAPER_BATCH_SIZE, make_task
 from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
+from train import autocast
 
 # Width, batch sizes and optimizer of train.py's PRESETS[(task, "cpu")], with the paper's 4-layer AGAG
 # stack (the cpu training presets use 2 layers, AG) so that "hybrid vs attention-only" compares 4 layers.
@@ -52,18 +61,24 @@ N_EMBD, N_HEAD, LAYERS = 64, 2, "AGAG"
 BATCH_SIZE = {"rule110": 128, "depo": 64}
 LEARNING_RATE, ADAMW_LR = 2e-3, 5e-4
 
+# The paper presets' model (train.py PRESETS[(task, "paper")]); --quick shrinks only the batch.
+PAPER_MODEL = dict(n_embd=256, n_head=4, layers="AGAG")
+PAPER_BATCH = {"full": PAPER_BATCH_SIZE, "quick": {"rule110": 2, "depo": 2}}
+
 # Problem sizes of the full run and of --quick (which only checks that every row is produced).
 SIZES = {
     "full": dict(repeats=5, rule_shape=(4, 4, 64), rule_T=(256, 1024, 2048), rule_chunk=64,
                  train_batch=BATCH_SIZE, wake_window=64, wake_batch=8, wake_tokens=16,
-                 memory_batch=BATCH_SIZE["rule110"], memory_windows=8, compile=True),
+                 memory_batch=BATCH_SIZE["rule110"], memory_windows=8, compile=True, paper_batch=PAPER_BATCH["full"]),
     "quick": dict(repeats=2, rule_shape=(1, 2, 16), rule_T=(32, 80), rule_chunk=16,
                   train_batch={"rule110": 4, "depo": 4}, wake_window=8, wake_batch=1, wake_tokens=3,
-                  memory_batch=2, memory_windows=1, compile=False),
+                  memory_batch=2, memory_windows=1, compile=False, paper_batch=PAPER_BATCH["quick"]),
 }
+# Peak dense bf16 tensor-core TFLOP/s (NVIDIA datasheets, SXM parts), matched against the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 WAKE_POSITIONS = (1, 4, 16, 64)   # decode at positions L, 4L, 16L, 64L
 MEMORY_PASSES = (1, 4, 8)         # N for the peak-memory rows
-SECTIONS = ("rule", "train", "wake", "memory", "compile")
+SECTIONS = ("rule", "train", "wake", "memory", "compile", "paper")
 
 # -----------------------------------------------------------------------------
 # Devices, timing and the table.
@@ -122,8 +137,8 @@ def format_value(r):
 def print_table(rows, header):
     print(header)
     print()
-    print("| section | setting | median | ratio | ratio is | target |")
-    print("|---|---|---|---|---|---|")
+    print("| section | setting | median | ratio | ratio is | target | MFU |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         target = ""
@@ -131,7 +146,8 @@ def print_table(rows, header):
             verdict = "" if r["met"] is None else ": met" if r["met"] else ": MISSED"
             target = f"{r['target'][0]} {r['target'][1]}x{verdict}"
         setting = r["setting"] + (f" (n/a: {r['reason']})" if r.get("reason") else "")
-        print(f"| {r['section']} | {setting} | {format_value(r)} | {ratio} | {r['ratio_of']} | {target} |")
+        mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.2f}%"
+        print(f"| {r['section']} | {setting} | {format_value(r)} | {ratio} | {r['ratio_of']} | {target} | {mfu} |")
 
 # -----------------------------------------------------------------------------
 # 1. The local rule.
@@ -233,17 +249,53 @@ def preset_model(vocab_size, window, device, layers=LAYERS, **config):
 
 
 def training_step(model, idx, targets, forward=None):
-    """A closure running one training step: forward + backward + every optimizer's step."""
+    """A closure running one training step: forward + backward + every optimizer's step (under bf16
+    autocast on CUDA, as train.py). step.flops() counts the matmul FLOPs of its forward + backward."""
     forward = model if forward is None else forward
     optimizers = model.configure_optimizers(learning_rate=LEARNING_RATE, adamw_lr=ADAMW_LR)
 
-    def step():
-        _, loss = forward(idx, targets)
+    def forward_backward():
+        with autocast(idx.device):
+            _, loss = forward(idx, targets)
         loss.backward()
+
+    def step():
+        forward_backward()
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
+
+    def flops():
+        with FlopCounterMode(display=False) as counter:
+            forward_backward()
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+    step.flops = flops
     return step
+
+
+def peak_flops(device, given_tflops):
+    """The device's peak FLOP/s for the MFU column: --peak_tflops, else PEAK_TFLOPS by GPU name, else None."""
+    if given_tflops:
+        return given_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def train_rows(section, layout, steps, t, consolidated, predicted, tokens, peak, passes=(1, 2, 4)):
+    """Rows for training steps timed as t[f"N={n}"]: ms, time / ideal(n), tok/s and MFU."""
+    rows = []
+    for n in passes:
+        ideal = t["N=1"] * (consolidated * n + predicted) / (consolidated + predicted)
+        flops = steps[f"N={n}"].flops()
+        rows.append(row(section, f"{layout} N={n}", t[f"N={n}"] * 1e3, "ms", t[f"N={n}"] / ideal, f"time / ideal({n})",
+                        ("<=", 1.2) if n == 4 else None, tokens_per_s=tokens / t[f"N={n}"], flops=flops,
+                        mfu=flops / t[f"N={n}"] / peak if peak else None))
+    return rows
 
 
 def token_split(targets, window):
@@ -255,7 +307,7 @@ def token_split(targets, window):
     return consolidated, T - consolidated
 
 
-def bench_train(sizes, device, repeats):
+def bench_train(sizes, device, repeats, peak):
     rows = []
     for name in ("rule110", "depo"):
         task = make_task(name, preset="cpu")
@@ -269,13 +321,31 @@ def bench_train(sizes, device, repeats):
         t = median_times(steps, device, repeats, warmup=2)   # the first step also allocates optimizer state
         layout = (f"{name} cpu preset, B={B} T={task.seq_len} L={task.window} "
                   f"({consolidated} consolidated + {predicted} predicted tokens)")
-        for n in (1, 2, 4):
-            ideal = t["N=1"] * (consolidated * n + predicted) / (consolidated + predicted)
-            rows.append(row("train", f"{layout}, {LAYERS} N={n}", t[f"N={n}"] * 1e3, "ms", t[f"N={n}"] / ideal,
-                            f"time / ideal({n})", ("<=", 1.2) if n == 4 else None,
-                            tokens_per_s=B * task.seq_len / t[f"N={n}"]))
+        rows += train_rows("train", f"{layout}, {LAYERS}", steps, t, consolidated, predicted, B * task.seq_len, peak)
+        flops = steps["AAAA"].flops()
         rows.append(row("train", f"{layout}, attention-only AAAA N=1", t["AAAA"] * 1e3, "ms", t["N=1"] / t["AAAA"],
-                        f"{LAYERS} N=1 / AAAA", ("<=", 1.5), tokens_per_s=B * task.seq_len / t["AAAA"]))
+                        f"{LAYERS} N=1 / AAAA", ("<=", 1.5), tokens_per_s=B * task.seq_len / t["AAAA"],
+                        flops=flops, mfu=flops / t["AAAA"] / peak if peak else None))
+    return rows
+
+
+def bench_paper(sizes, device, repeats, peak):
+    """One training step of the Rule 110 and Depo paper presets at N = 1 and 4 (the GPU sizes)."""
+    rows = []
+    for name in ("rule110", "depo"):
+        task = make_task(name, preset="paper")
+        B = sizes["paper_batch"][name]
+        idx, targets, _ = task.train_batch(B, 0)
+        idx, targets = idx.to(device), targets.to(device)
+        consolidated, predicted = token_split(targets, task.window)
+        torch.manual_seed(0)
+        steps = {f"N={n}": training_step(SleepLM(SleepLMConfig(vocab_size=task.vocab_size, window=task.window,
+                                                               sleep_passes=n, **PAPER_MODEL)).to(device), idx, targets)
+                 for n in (1, 4)}
+        t = median_times(steps, device, repeats, warmup=2)
+        layout = (f"{name} paper preset, B={B} T={task.seq_len} L={task.window} "
+                  f"({consolidated} consolidated + {predicted} predicted tokens), {PAPER_MODEL['layers']} d={PAPER_MODEL['n_embd']}")
+        rows += train_rows("paper", layout, steps, t, consolidated, predicted, B * task.seq_len, peak, passes=(1, 4))
     return rows
 
 # -----------------------------------------------------------------------------
@@ -392,13 +462,20 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats: checks that every row runs")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 5, quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}")
+    parser.add_argument("--only", default=None,
+                        help=f"comma list of sections: {','.join(SECTIONS)} (default: all; paper only on CUDA)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s for the MFU column (default: PEAK_TFLOPS by GPU name)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
-    sections = args.only.split(",")
+    device = pick_device(args.device)
+    default = [s for s in SECTIONS if s != "paper" or device.type == "cuda"]
+    sections = args.only.split(",") if args.only else default
     if set(sections) - set(SECTIONS):
         parser.error(f"--only takes a comma list of {', '.join(SECTIONS)}, got {args.only!r}")
-    device = pick_device(args.device)
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        parser.error(f"--peak_tflops must be > 0, got {args.peak_tflops}")
+    peak = peak_flops(device, args.peak_tflops)
     sizes = SIZES["quick" if args.quick else "full"]
     repeats = args.repeats or sizes["repeats"]
     if args.threads:
@@ -413,20 +490,23 @@ def main():
         if section == "rule":
             rows += bench_rule(sizes, device, repeats)
         elif section == "train":
-            rows += bench_train(sizes, device, repeats)
+            rows += bench_train(sizes, device, repeats, peak)
         elif section == "wake":
             rows += bench_wake(sizes, device, repeats)
         elif section == "memory":
             rows += bench_memory(sizes, device)
         elif section == "compile":
             rows += bench_compile(sizes, device, repeats)
+        elif section == "paper":
+            rows += bench_paper(sizes, device, repeats, peak)
     wall = time.perf_counter() - started
     if args.quick:   # tiny sizes: the targets do not apply
         for r in rows:
             r["met"] = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     header = (f"sleep-lm bench{' (--quick)' if args.quick else ''}: device {name}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, float32, median of {repeats}, {wall:.0f} s")
+              f"{torch.get_num_threads()} threads, {'bf16 autocast in training rows' if device.type == 'cuda' else 'float32'}, "
+              f"median of {repeats}, peak {peak / 1e12 if peak else 'n/a'} TFLOP/s, {wall:.0f} s")
     print_table(rows, header)
     if args.json:
         with open(args.json, "w") as f:

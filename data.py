@@ -559,7 +559,7 @@ class Math(Task):
         targets   -1 ...                           | -1 ...            7 (at "answer") | -1 ...
                   consolidation window             | prediction chunk (one pass)
         problem length len in min_tokens..max_tokens, T = max_tokens (paper: 2048..3300,
-        L = 2000, T = 3300; cpu: 100..192, L = 96, T = 192)
+        L = 2000, T = 3300; cpu: 34..56, L = 32, T = 56)
 
     The first window holds the question and the start of the context, so what it says reaches
     the answer only through the recurrent state; min_tokens >= L + 2 puts the answer after it.
@@ -581,13 +581,11 @@ class Math(Task):
         diff   V1 = V33 - V30 .   ... equals the difference of ... and ... .  (first minus second)
         more   V24 = V9 + 1 .     the number of mice in redcliff is 1 more than the number of hawks
                                   in glenmoor .
-    CPU preset with op_max=2, decoded by `python data.py math op_max=2` (one window per line):
-        consolidate     0: what is V35 ? V1 = V33 - V30 . V35 = V9 - V47 . V53 = V28 + V58 .
-                           V30 = 7 . V20 = 10 . V46 = V12 + V33 . V12 = V9 - V47 . V24 = V9 + 1 .
-                           V47 = 10 . V37 = 7 . V4 = 5 . V55 = V24 + 1 . V45 = V9 + 1 .
-                           V58 = V35 + 5 . V48 = V45 - V12 . V28 = V9 - V33 . V9 = 17 . V34 =
-        predict        96: V46 - V33 . V33 = 12 . answer 7 <pad>*86
-        answers: 7                                    (op 1: V35 = V9 - V47 = 17 - 10)
+    The cpu preset (values 0..9), decoded by `python data.py math` (one window per line):
+        consolidate     0: what is V13 ? V0 = V22 + 6 . V11 = V18 - V15 . V22 = 3 . V20 = V16 + 1 .
+                           V18 = 6 . V15 =
+        predict        32: 5 . V16 = 6 . V7 = V13 + V18 . V13 = V20 - V18 . answer 1 <pad>*4
+        answers: 1                                    (op 2: V13 = V20 - V18 = (V16 + 1) - 6 = 7 - 6)
     Difficulty = op. Training draws op uniformly in op_min..op_max. Metric "item": accuracy.
     """
 

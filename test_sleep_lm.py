@@ -1316,7 +1316,8 @@ HERE = Path(__file__).parent
 def test_quick_bench_produces_every_row_with_finite_numbers(tmp_path):
     out = tmp_path / "bench.json"
     # One thread: on a shared 2-core machine two OpenMP threads can stall for seconds per step.
-    done = subprocess.run([sys.executable, "bench.py", "--quick", "--device=cpu", "--threads=1", f"--json={out}"],
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--device=cpu", "--threads=1", "--peak_tflops=1",
+                           f"--json={out}"],
                           cwd=HERE, timeout=120, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -1333,4 +1334,22 @@ def test_quick_bench_produces_every_row_with_finite_numbers(tmp_path):
         numbers = [r["value"]] + ([r["ratio"]] if r["ratio"] is not None else []) + \
                   ([r["tokens_per_s"]] if "tokens_per_s" in r else [])
         assert all(isinstance(x, float) and math.isfinite(x) and x >= 0 for x in numbers), r
+        if r["section"] == "train":   # MFU = counted FLOPs / time / the 1 TFLOP/s given
+            assert r["mfu"] == pytest.approx(r["flops"] / (r["value"] / 1e3) / 1e12) and 0 < r["mfu"] < 1, r
     assert max(r["value"] for r in rows if r["section"] == "rule" and r["unit"] == "abs diff") < 1e-4
+
+
+def test_bench_counts_the_flops_of_every_pass_and_of_backward():
+    """bench.py's MFU numerator: matmul FLOPs of forward + backward, linear in N (each pass re-runs the
+    blocks over the consolidated window), about 3x those of forward alone, and no optimizer FLOPs."""
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+    task = data.make_task("depo")
+    idx, targets, _ = (torch.as_tensor(x) for x in task.train_batch(2, 0))
+    flops = [bench.training_step(bench.preset_model(task.vocab_size, task.window, torch.device("cpu"),
+                                                    sleep_passes=n), idx, targets).flops() for n in (1, 2, 3)]
+    assert flops[2] - flops[1] == pytest.approx(flops[1] - flops[0], rel=0.02)
+    model = bench.preset_model(task.vocab_size, task.window, torch.device("cpu"), sleep_passes=1)
+    with FlopCounterMode(display=False) as forward_only, torch.no_grad():
+        model(idx, targets)
+    assert 2.5 < flops[0] / forward_only.get_total_flops() < 3.5
