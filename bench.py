@@ -307,14 +307,19 @@ def token_split(targets, window):
     return consolidated, T - consolidated
 
 
+def preset_batch(name, preset, B, device):
+    """The task, batch 0 of B examples on device, and its (consolidated, predicted) tokens per sequence."""
+    task = make_task(name, preset=preset)
+    idx, targets, _ = task.train_batch(B, 0)
+    idx, targets = idx.to(device), targets.to(device)
+    return task, idx, targets, token_split(targets, task.window)
+
+
 def bench_train(sizes, device, repeats, peak):
     rows = []
     for name in ("rule110", "depo"):
-        task = make_task(name, preset="cpu")
         B = sizes["train_batch"][name]
-        idx, targets, _ = task.train_batch(B, 0)
-        idx, targets = idx.to(device), targets.to(device)
-        consolidated, predicted = token_split(targets, task.window)
+        task, idx, targets, (consolidated, predicted) = preset_batch(name, "cpu", B, device)
         steps = {f"N={n}": training_step(preset_model(task.vocab_size, task.window, device, sleep_passes=n),
                                          idx, targets) for n in (1, 2, 4)}
         steps["AAAA"] = training_step(preset_model(task.vocab_size, task.window, device, layers="AAAA"), idx, targets)
@@ -333,11 +338,8 @@ def bench_paper(sizes, device, repeats, peak):
     """One training step of the Rule 110 and Depo paper presets at N = 1 and 4 (the GPU sizes)."""
     rows = []
     for name in ("rule110", "depo"):
-        task = make_task(name, preset="paper")
         B = sizes["paper_batch"][name]
-        idx, targets, _ = task.train_batch(B, 0)
-        idx, targets = idx.to(device), targets.to(device)
-        consolidated, predicted = token_split(targets, task.window)
+        task, idx, targets, (consolidated, predicted) = preset_batch(name, "paper", B, device)
         torch.manual_seed(0)
         steps = {f"N={n}": training_step(SleepLM(SleepLMConfig(vocab_size=task.vocab_size, window=task.window,
                                                                sleep_passes=n, **PAPER_MODEL)).to(device), idx, targets)
@@ -434,10 +436,8 @@ def bench_memory(sizes, device):
 
 
 def bench_compile(sizes, device, repeats):
-    task = make_task("rule110", preset="cpu")
     B = sizes["train_batch"]["rule110"]
-    idx, targets, _ = task.train_batch(B, 0)
-    idx, targets = idx.to(device), targets.to(device)
+    task, idx, targets, _ = preset_batch("rule110", "cpu", B, device)
     setting = f"rule110 cpu preset, B={B}, {LAYERS} N=1 training step under torch.compile"
     if not sizes["compile"]:
         return [row("compile", setting, None, "ms", reason="skipped under --quick: compiling takes minutes")]
