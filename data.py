@@ -597,10 +597,12 @@ class Math(Task):
                       quantities=900, min_tokens=2048, max_tokens=3300, window=2000),
         # The cpu preset is the small setting that a 2-layer model learns from scratch in minutes
         # (README, Results: the levers tried). The realistic rendering is about 3x longer: give it
-        # min_tokens=98 max_tokens=168 window=96.
+        # REALISTIC_CPU's sizes.
         "cpu": dict(rendering="symbolic", op_min=1, op_max=2, levels=(1, 2), values=10,
                     quantities=24, min_tokens=34, max_tokens=56, window=32),
     }
+
+    REALISTIC_CPU = dict(min_tokens=98, max_tokens=168, window=96)   # the cpu preset's sizes for realistic statements
 
     def _validate(self):
         p = self.params
@@ -618,7 +620,7 @@ class Math(Task):
         lengths = self._statement_lengths()
         longest = max(lengths[kind] for kind in OPERATIONS)
         hint = (" (realistic statements are about 3x longer than symbolic ones; at the cpu preset give "
-                "min_tokens=98 max_tokens=168 window=96)") if p["rendering"] == "realistic" else ""
+                + " ".join(f"{k}={v}" for k, v in self.REALISTIC_CPU.items()) + ")") if p["rendering"] == "realistic" else ""
         require(p["max_tokens"] >= p["min_tokens"] + longest, "max_tokens", p["max_tokens"],
                 f"must be >= min_tokens + {longest} (the longest statement){hint}")
         require(p["quantities"] * lengths["const"] >= p["max_tokens"], "quantities", p["quantities"],

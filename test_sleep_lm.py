@@ -678,7 +678,7 @@ def test_depo_small_graphs_still_get_distinct_queries():
         data.make_task("depo", "cpu", queries=9)
 
 
-REALISTIC_CPU = dict(min_tokens=98, max_tokens=168, window=96)   # the cpu preset's sizes for realistic statements
+REALISTIC_CPU = data.Math.REALISTIC_CPU   # the cpu preset's sizes for realistic statements
 
 
 @pytest.mark.parametrize("rendering", ["symbolic", "realistic"])
