@@ -544,48 +544,59 @@ class SleepLM(nn.Module):
         Returns logits (B, T, V), from the wake pass (pass 1) of every window, and the loss.
         """
         N, L, eviction = self.resolve(sleep_passes, window, eviction)
+        consolidate = self.plan_windows(idx, targets, None if eviction == "none" else L)
+        if eviction == "none":   # one window, one pass
+            L, N = idx.shape[1], 1
+        return self.run_windows(idx, targets, consolidate, N, L, eviction)
+
+    @torch.compiler.disable   # reads tensor values: a compiled forward runs this eagerly, then one graph
+    def plan_windows(self, idx, targets, L):
+        """Check idx and targets; return, per window of L tokens (None: one window), whether it is a
+        consolidation window: a tuple of Python bools, so that run_windows branches on no tensor value."""
         self._check_tokens("idx", idx)
-        if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-            self._check_tokens("targets", targets, allow_ignore=True)
+        T = idx.shape[1]
+        L = L or T
+        if targets is None:
+            return tuple(stop < T for stop in range(L, T + L, L))
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        self._check_tokens("targets", targets, allow_ignore=True)
+        no_answer = torch.stack([(targets[:, s:s + L] < 0).all(dim=1) for s in range(0, T, L)]).tolist()  # (windows, B)
+        for w, rows in enumerate(no_answer):
+            if any(rows) != all(rows):
+                raise ValueError(f"targets: the window at {w * L}..{min(w * L + L, T) - 1} holds answers in some rows "
+                                 f"but not in others; windows must line up across the batch")
+        if all(rows[0] for rows in no_answer):
+            raise ValueError("targets has no answer token (every entry is -1): nothing to predict")
+        return tuple(rows[0] for rows in no_answer)
+
+    def run_windows(self, idx, targets, consolidate, N, L, eviction):
+        """The window loop of forward, on checked inputs: consolidate[w] says whether window w sleeps.
+        Branches on Python values only, so torch.compile(fullgraph=True) takes it as one graph."""
         B, T = idx.shape
-        if eviction == "none":
-            L, N = T, 1
         span = L if eviction != "none" else float("inf")
         bptt = self.config.bptt_passes
         context, S = self.empty_state(B, idx.device)
         all_logits, predicted_logits, predicted_targets = [], [], []
-        for start in range(0, T, L):
-            stop = min(start + L, T)
-            if targets is None:
-                consolidate = stop < T
-            else:
-                no_answer = (targets[:, start:stop] < 0).all(dim=1)          # per sequence, (B,)
-                if no_answer.any() != no_answer.all():
-                    raise ValueError(f"targets: the window at {start}..{stop - 1} holds answers in some rows "
-                                     f"but not in others; windows must line up across the batch")
-                consolidate = bool(no_answer.all())
-            passes = N if consolidate else 1
+        for w, start in enumerate(range(0, T, L)):
+            passes = N if consolidate[w] else 1
             # Truncated backprop: passes run without gradient. A Python int decided here, so that a
             # compiled process_window switches grad mode on no symbolic value.
             untracked = max(passes - bptt, 0) if bptt and torch.is_grad_enabled() else 0
-            pos = torch.arange(start, stop, device=idx.device)
-            args = (idx[:, start:stop], pos, context, S, passes, span, untracked)
+            pos = torch.arange(start, min(start + L, T), device=idx.device)
+            args = (idx[:, start:start + L], pos, context, S, passes, span, untracked)
             if self.config.checkpoint_windows and torch.is_grad_enabled():
                 logits, S, extended = checkpoint(self.process_window, *args, use_reentrant=False)
             else:
                 logits, S, extended = self.process_window(*args)
             context = self.evict(extended, L, eviction)   # features and KV of this window are gone
             all_logits.append(logits)
-            if targets is not None and not consolidate:
+            if targets is not None and not consolidate[w]:
                 predicted_logits.append(logits)
-                predicted_targets.append(targets[:, start:stop])
+                predicted_targets.append(targets[:, start:start + L])
         logits = torch.cat(all_logits, dim=1)
         loss = None
         if targets is not None:
-            if not predicted_logits:
-                raise ValueError("targets has no answer token (every entry is -1): nothing to predict")
             pl = torch.cat(predicted_logits, dim=1)
             loss = F.cross_entropy(pl.reshape(-1, pl.shape[-1]), torch.cat(predicted_targets, dim=1).reshape(-1),
                                    ignore_index=-1)

@@ -367,23 +367,31 @@ def test_compiled_model_matches_eager_loss_and_gradients():
     # aot_eager_decomp_partition: dynamo + AOT autograd, run eagerly, no C++ compiler. Plain aot_eager
     # fails in backward on this model with torch 2.13 (eager softplus_backward returns other strides
     # than the traced graph assumes, "view size is not compatible"); inductor compiles it.
+    # The window loop (run_windows) must compile as one graph (fullgraph=True fails on any graph break,
+    # which would cost a device sync per window on CUDA and split its CUDA graphs); forward adds only
+    # the eager checks (plan_windows) in front of it.
     model = tiny_model(dtype=torch.float32, layers="AG", gdn_chunk_size=8)
     compiled = torch.compile(model, backend="aot_eager_decomp_partition")
+    loop = torch.compile(model.run_windows, backend="aot_eager_decomp_partition", fullgraph=True)
     x = tokens(2, 16)                                    # a consolidation window, then a prediction window
     y = torch.full_like(x, -1)
     y[:, -3:] = x[:, -3:]
+    plan = model.plan_windows(x, y, model.config.window)
+    assert plan == (True, False)
     for N, bptt_passes in ((1, None), (2, None), (2, 1)):
         model.config.bptt_passes = bptt_passes
         results = []
-        for forward in (model, compiled):
+        for forward in (model, compiled, lambda x, y, sleep_passes: loop(x, y, plan, sleep_passes, model.config.window, "hard")):
             model.zero_grad()
             loss = forward(x, y, sleep_passes=N)[1]
             loss.backward()
             results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-        (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
-        assert_close(compiled_loss, eager_loss, 1e-6, 1e-6, what=f"loss, N={N}, bptt_passes={bptt_passes}")
-        for (name, _), a, b in zip(model.named_parameters(), compiled_grads, eager_grads):
-            assert_close(a, b, 1e-4, 1e-6, what=f"grad of {name}, N={N}, bptt_passes={bptt_passes}")
+        (eager_loss, eager_grads), *others = results
+        for kind, (compiled_loss, compiled_grads) in zip(("compiled model", "fullgraph window loop"), others):
+            what = f"{kind}, N={N}, bptt_passes={bptt_passes}"
+            assert_close(compiled_loss, eager_loss, 1e-6, 1e-6, what=f"loss, {what}")
+            for (name, _), a, b in zip(model.named_parameters(), compiled_grads, eager_grads):
+                assert_close(a, b, 1e-4, 1e-6, what=f"grad of {name}, {what}")
 
 
 # -- streaming ---------------------------------------------------------------------------------
