@@ -29,7 +29,9 @@ What is measured:
               window at N = 1, 4, 8: full backprop, truncated (bptt_passes=1), per-window checkpointing.
               CUDA: torch.cuda.max_memory_allocated; CPU: the allocation events recorded by
               torch.profiler(profile_memory=True), summed in time order; MPS: n/a.
-  5. compile  the Rule 110 N=1 training step under torch.compile, where it works ("n/a" and why if not).
+  5. compile  training steps under torch.compile against eager (each mode of TIMED_COMPILE_MODES; "n/a" and why
+              where it fails): the Rule 110 cpu preset's model at N = 1 and 4, on CUDA also the paper
+              presets (Rule 110 N = 1, 4; Depo N = 4); and the local rule at the rule section's largest T.
   6. paper    one training step of the Rule 110 and Depo paper presets (AGAG d=256, 4 heads, batch 512 /
               128) at N = 1 and 4: the GPU sizes (by default only on CUDA; --only=paper elsewhere).
 
@@ -53,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import PAPER_BATCH_SIZE, make_task
 from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
-from train import autocast
+from train import PRESETS, autocast
 
 # Width, batch sizes and optimizer of train.py's PRESETS[(task, "cpu")], with the paper's 4-layer AGAG
 # stack (the cpu training presets use 2 layers, AG) so that "hybrid vs attention-only" compares 4 layers.
@@ -78,6 +80,7 @@ SIZES = {
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 WAKE_POSITIONS = (1, 4, 16, 64)   # decode at positions L, 4L, 16L, 64L
 MEMORY_PASSES = (1, 4, 8)         # N for the peak-memory rows
+TIMED_COMPILE_MODES = {"cuda": ("default", "reduce-overhead"), "cpu": ("default",), "mps": ("default",)}   # train.py --compile_mode
 SECTIONS = ("rule", "train", "wake", "memory", "compile", "paper")
 
 # -----------------------------------------------------------------------------
@@ -248,13 +251,16 @@ def preset_model(vocab_size, window, device, layers=LAYERS, **config):
     return model.to(device)
 
 
-def training_step(model, idx, targets, forward=None):
+def training_step(model, idx, targets, forward=None, cuda_graphs=False):
     """A closure running one training step: forward + backward + every optimizer's step (under bf16
-    autocast on CUDA, as train.py). step.flops() counts the matmul FLOPs of its forward + backward."""
+    autocast on CUDA, as train.py). step.flops() counts the matmul FLOPs of its forward + backward.
+    cuda_graphs: forward is compiled with CUDA graphs (mode reduce-overhead): mark each new step."""
     forward = model if forward is None else forward
     optimizers = model.configure_optimizers(learning_rate=LEARNING_RATE, adamw_lr=ADAMW_LR)
 
     def forward_backward():
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(idx.device):
             _, loss = forward(idx, targets)
         loss.backward()
@@ -435,23 +441,94 @@ def bench_memory(sizes, device):
 # 5. torch.compile.
 
 
-def bench_compile(sizes, device, repeats):
-    B = sizes["train_batch"]["rule110"]
-    task, idx, targets, _ = preset_batch("rule110", "cpu", B, device)
-    setting = f"rule110 cpu preset, B={B}, {LAYERS} N=1 training step under torch.compile"
+def compile_cases(device, sizes):
+    """(task, preset, N, batch, model settings, target speed-up) for the compile rows: the cpu preset's
+    Rule 110 model (train.py's, AG d=64), and on CUDA the paper presets with the targets of issue 12."""
+    cpu = {k: PRESETS["rule110", "cpu"][k] for k in ("n_embd", "n_head", "layers")}
+    cases = [("rule110", "cpu", n, sizes["train_batch"]["rule110"], cpu, None) for n in (1, 4)]
+    if device.type == "cuda":
+        cases += [("rule110", "paper", 1, sizes["paper_batch"]["rule110"], PAPER_MODEL, 5),
+                  ("rule110", "paper", 4, sizes["paper_batch"]["rule110"], PAPER_MODEL, 5),
+                  ("depo", "paper", 4, sizes["paper_batch"]["depo"], PAPER_MODEL, 4)]
+    return cases
+
+
+def bench_compile(sizes, device, repeats, peak):
+    """Training steps under torch.compile (train.py --compile --compile_mode=M) against the eager step on
+    the same batch, for each mode of TIMED_COMPILE_MODES[device.type]; and the local rule at T = 2048 compiled.
+    Each compiled row gives the seconds of its first step (the compile)."""
     if not sizes["compile"]:
-        return [row("compile", setting, None, "ms", reason="skipped under --quick: compiling takes minutes")]
-    try:
-        eager = preset_model(task.vocab_size, task.window, device)
-        compiled = preset_model(task.vocab_size, task.window, device)
-        steps = {"eager": training_step(eager, idx, targets),
-                 "compiled": training_step(compiled, idx, targets, forward=torch.compile(compiled))}
+        return [row("compile", "training steps and the local rule under torch.compile", None, "ms",
+                    reason="skipped under --quick: compiling takes minutes")]
+    rows = []
+    for name, preset, n, B, model_settings, target in compile_cases(device, sizes):
+        task, idx, targets, _ = preset_batch(name, preset, B, device)
+        setting = (f"{name} {preset} preset, B={B} T={task.seq_len}, {model_settings['layers']} "
+                   f"d={model_settings['n_embd']} N={n} training step")
+
+        def make_model():
+            torch.manual_seed(0)
+            return SleepLM(SleepLMConfig(vocab_size=task.vocab_size, window=task.window, sleep_passes=n,
+                                         **model_settings)).to(device)
+        eager = training_step(make_model(), idx, targets)
+        steps, compile_s, failed = {"eager": eager}, {}, {}
+        for mode in TIMED_COMPILE_MODES[device.type]:
+            model = make_model()
+            try:
+                step = training_step(model, idx, targets, forward=torch.compile(model, mode=mode),
+                                     cuda_graphs=mode == "reduce-overhead")
+                sync(device)
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                compile_s[mode], steps[mode] = time.perf_counter() - t0, step
+            except Exception as e:  # compile support varies by platform: report, do not fail the benchmark
+                failed[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
         t = median_times(steps, device, repeats, warmup=2)
-    except Exception as e:  # compile support varies by platform: report, do not fail the benchmark
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-        return [row("compile", setting, None, "ms", reason=reason)]
-    return [row("compile", setting, t["compiled"] * 1e3, "ms", t["compiled"] / t["eager"], "compiled / eager",
-                tokens_per_s=B * task.seq_len / t["compiled"])]
+        flops = eager.flops()
+        rows.append(row("compile", f"{setting}, eager", t["eager"] * 1e3, "ms", tokens_per_s=B * task.seq_len / t["eager"],
+                        mfu=flops / t["eager"] / peak if peak else None))
+        for mode in TIMED_COMPILE_MODES[device.type]:
+            label = f"{setting}, torch.compile mode={mode}"
+            if mode in failed:
+                rows.append(row("compile", label, None, "ms", reason=failed[mode]))
+                continue
+            rows.append(row("compile", f"{label} (first step {compile_s[mode]:.0f} s)", t[mode] * 1e3, "ms",
+                            t["eager"] / t[mode], "eager / compiled", target and (">=", target),
+                            tokens_per_s=B * task.seq_len / t[mode], mfu=flops / t[mode] / peak if peak else None))
+    return rows + bench_compiled_rule(sizes, device, repeats)
+
+
+def bench_compiled_rule(sizes, device, repeats):
+    """gated_delta_rule's chunkwise form under torch.compile, forward + backward and forward only, at the
+    largest T of the rule section; checked against the eager form."""
+    B, H, D = sizes["rule_shape"]
+    T, C = sizes["rule_T"][-1], sizes["rule_chunk"]
+    inputs = rule_inputs(B, T, H, D, device)
+
+    def rule(q, k, v, g, b):
+        return gated_delta_rule(q, k, v, log_decay=g, beta=b, chunk_size=C)
+    compiled = torch.compile(rule)
+    try:
+        with torch.no_grad():
+            (o, s), (o_c, s_c) = rule(*inputs), compiled(*inputs)
+        diff = max((o - o_c).abs().max().item(), (s - s_c).abs().max().item())
+        forward_backward(compiled, inputs)   # compiles the backward
+    except Exception as e:
+        return [row("compile", "local rule under torch.compile", None, "ms", reason=f"{type(e).__name__}")]
+    if not diff < 1e-4:
+        raise RuntimeError(f"the compiled local rule disagrees with the eager one: max abs diff {diff:.2e}")
+    setting = f"local rule, chunkwise (chunk {C}), T={T} B={B} H={H} Dk=Dv={D}"
+    t = median_times({"eager": lambda: forward_backward(rule, inputs),
+                      "compiled": lambda: forward_backward(compiled, inputs)}, device, repeats)
+    with torch.no_grad():
+        f = median_times({"eager": lambda: rule(*inputs), "compiled": lambda: compiled(*inputs)}, device, repeats)
+    return [row("compile", f"{setting}, fwd+bwd, eager", t["eager"] * 1e3, "ms"),
+            row("compile", f"{setting}, fwd+bwd, torch.compile", t["compiled"] * 1e3, "ms", t["eager"] / t["compiled"],
+                "eager / compiled", (">=", 5) if device.type == "cuda" else None),
+            row("compile", f"{setting}, forward only, eager", f["eager"] * 1e3, "ms"),
+            row("compile", f"{setting}, forward only, torch.compile (max abs diff to eager {diff:.1e})",
+                f["compiled"] * 1e3, "ms", f["eager"] / f["compiled"], "eager / compiled")]
 
 # -----------------------------------------------------------------------------
 
@@ -496,7 +573,7 @@ def main():
         elif section == "memory":
             rows += bench_memory(sizes, device)
         elif section == "compile":
-            rows += bench_compile(sizes, device, repeats)
+            rows += bench_compile(sizes, device, repeats, peak)
         elif section == "paper":
             rows += bench_paper(sizes, device, repeats, peak)
     wall = time.perf_counter() - started

@@ -394,6 +394,37 @@ def test_compiled_model_matches_eager_loss_and_gradients():
                 assert_close(a, b, 1e-4, 1e-6, what=f"grad of {name}, {what}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels and CUDA graphs need CUDA")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_inductor_compiled_training_matches_eager_on_cuda(mode, precision):
+    # train.py --compile --compile_mode=MODE on the GPU: real inductor kernels (and, for reduce-overhead,
+    # CUDA graphs, replayed on a second batch: stale inputs would show there).
+    model = tiny_model(dtype=torch.float32, device="cuda", layers="AG", window=8)
+    compiled = torch.compile(model, mode=mode)
+    rtol, atol = TOLERANCE[precision]["model"]
+    for batch in range(2):
+        x = tokens(4, 24, seed=batch).cuda()                 # two consolidation windows, then a prediction window
+        y = torch.full_like(x, -1)
+        y[:, -3:] = x[:, -3:]
+        results = []
+        for forward in (model, compiled):
+            model.zero_grad()
+            if forward is compiled and mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            with autocast("cuda", precision):
+                logits, loss = forward(x, y, sleep_passes=3)
+            loss.backward()
+            results.append((logits.detach().clone(), loss.detach().clone(), [p.grad.clone() for p in model.parameters()]))
+        (logits, loss, grads), (c_logits, c_loss, c_grads) = results
+        what = f"mode={mode}, {precision}, batch {batch}"
+        assert_close(c_logits, logits, rtol, atol, what=f"logits, {what}")
+        assert_close(c_loss, loss, rtol, atol, what=f"loss, {what}")
+        if precision == "float32":
+            for (name, _), a, b in zip(model.named_parameters(), c_grads, grads):
+                assert_close(a, b, 1e-3, 1e-5, what=f"grad of {name}, {what}")
+
+
 # -- streaming ---------------------------------------------------------------------------------
 
 
@@ -1043,6 +1074,7 @@ def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tm
     (["--no_such_key=1"], "unknown setting --no_such_key"), (["--compile=maybe"], "--compile"), (["max_iters=3"], "--key=value"),
     (["--eval_interval=0"], "--eval_interval"), (["--sweep=1,2", "--train_sleep_passes=1,2"], "--train_sleep_passes"),
     (["--sleep_blocks=2"], "--sleep_blocks"), (["--num_workers=-2"], "--num_workers"), (["--parallel=0"], "--parallel"),
+    (["--compile_mode=fast"], "--compile_mode must be one of default, reduce-overhead"),
 ])
 def test_invalid_flags_are_refused_with_a_clear_message(argv, message):
     with pytest.raises(ValueError, match=message):

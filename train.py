@@ -96,15 +96,18 @@ class TrainConfig:
     seeds: str = ""                  # comma list of seeds for --sweep; "" = just --seed
     parallel: int = 1                # --sweep: train up to this many runs at once, each its own process (side by side on one GPU)
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda or mps
-    compile: bool = False            # torch.compile the model for training
+    compile: bool = False            # torch.compile the model for training (its window loop is one graph)
+    compile_mode: str = "default"    # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs
     num_workers: int = -1            # processes that make batches ahead of the step; 0 = in the loop; -1 = 4 on CUDA, else 0
 
 
 # Settings that say how to run, not what is trained: they stay out of run names, and --resume or
 # --eval_only may change them (and max_iters, upwards, to extend a run).
-RUN_CONTROL = ("out_dir", "resume", "eval_only", "sweep", "seeds", "parallel", "device", "compile", "num_workers",
+RUN_CONTROL = ("out_dir", "resume", "eval_only", "sweep", "seeds", "parallel", "device", "compile", "compile_mode", "num_workers",
                "gradient_accumulation_steps", "eval_interval", "eval_examples", "eval_batch_size",
                "eval_sleep_passes", "log_interval")
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 PRESETS = {
     # A laptop CPU: at most about 20 minutes per run on 2 cores (README, Results).
@@ -295,6 +298,8 @@ def check_config(cfg):
     for name in ("warmup_iters", "curriculum_iters", "ssm_warmup_iters", "bptt_passes", "seed"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     if cfg.num_workers < -1:
         raise ValueError(f"--num_workers must be -1 (auto), 0 (in the loop) or more, got {cfg.num_workers}")
     for name in ("sweep", "seeds", "eval_sleep_passes", "train_sleep_passes"):
@@ -572,7 +577,8 @@ def train(cfg, task_overrides, log=print):
         raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of {world_size} processes x "
                          f"--gradient_accumulation_steps={accumulation}")
     micro = cfg.batch_size // world_size // accumulation
-    model_for_step = torch.compile(model) if cfg.compile else model
+    model_for_step = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    cuda_graphs = cfg.compile and "cudagraphs" not in cfg.compile_mode and cfg.compile_mode != "default"
     if world_size > 1:
         model_for_step = DDP(model_for_step, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
     # --ssm_warmup_iters: these parameters (everything outside the G blocks) get no update during the warm-up.
@@ -598,6 +604,8 @@ def train(cfg, task_overrides, log=print):
             y = targets[m * micro:(m + 1) * micro].to(device, non_blocking=True)
             share = int((targets[m * micro:(m + 1) * micro] >= 0).sum()) / batch_answers   # of the global batch's answers
             sync = m == accumulation - 1 or world_size == 1          # DDP all-reduces gradients on the last micro-step
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()            # a new forward: earlier outputs are consumed
             with nullcontext() if sync else model_for_step.no_sync():
                 with autocast(device):
                     _, loss = model_for_step(x, y, sleep_passes=step_sleep_passes(step, cfg, sleep_choices),
@@ -606,19 +614,20 @@ def train(cfg, task_overrides, log=print):
             loss_sum += loss.detach() * share
         if world_size > 1:
             dist.all_reduce(loss_sum)                                 # the loss of the whole global batch
-        if not torch.isfinite(loss_sum):
-            raise NonFiniteLoss(f"loss is {loss_sum.item()} at step {step}: training stopped before the update. The "
-                                f"last good checkpoint (if any) is {ckpt_path}; try a lower learning rate or more warm-up.")
         if warming_up:
             for p in frozen:
                 p.grad = None                                         # optimizers skip parameters without grad
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at step {step}: training stopped before the "
+        loss_value, grad_norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()   # one device sync per step
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(f"loss is {loss_value} at step {step}: training stopped before the update. The "
+                                f"last good checkpoint (if any) is {ckpt_path}; try a lower learning rate or more warm-up.")
+        if not math.isfinite(grad_norm_value):
+            raise NonFiniteLoss(f"gradient norm is {grad_norm_value} at step {step}: training stopped before the "
                                 f"update. The last good checkpoint (if any) is {ckpt_path}.")
         for opt in optimizers:
             opt.step()
-        losses.append(loss_sum.item())
+        losses.append(loss_value)
         step += 1
         elapsed += time.time() - t0
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
@@ -627,7 +636,7 @@ def train(cfg, task_overrides, log=print):
             eta = (cfg.max_iters - step) * elapsed / step
             memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device_type == "cuda" else ""
             log(f"step {step}/{cfg.max_iters} ({100 * step / cfg.max_iters:.0f}%) | loss {losses[-1]:.4f} "
-                f"| grad norm {grad_norm.item():.4g} | lr {optimizers[0].param_groups[0]['lr']:.2e} | {ms:.0f} ms/step "
+                f"| grad norm {grad_norm_value:.4g} | lr {optimizers[0].param_groups[0]['lr']:.2e} | {ms:.0f} ms/step "
                 f"| {tokens_per_step * 1000 / ms:,.0f} tok/s{memory} | eta {eta / 60:.1f} min")
         if rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
             evals = run_eval()
