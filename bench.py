@@ -29,7 +29,7 @@ What is measured:
               window at N = 1, 4, 8: full backprop, truncated (bptt_passes=1), per-window checkpointing.
               CUDA: torch.cuda.max_memory_allocated; CPU: the allocation events recorded by
               torch.profiler(profile_memory=True), summed in time order; MPS: n/a.
-  5. compile  training steps under torch.compile against eager (each mode of TIMED_COMPILE_MODES; "n/a" and why
+  5. compile  training steps under train.py --compile (each window under torch.compile) against eager (each mode of TIMED_COMPILE_MODES; "n/a" and why
               where it fails): the Rule 110 cpu preset's model at N = 1 and 4, on CUDA also the paper
               presets (Rule 110 N = 1, 4; Depo N = 4); and the local rule at the rule section's largest T.
   6. paper    one training step of the Rule 110 and Depo paper presets (AGAG d=256, 4 heads, batch 512 /
@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import PAPER_BATCH_SIZE, make_task
 from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
-from train import PRESETS, autocast
+from train import PRESETS, autocast, compiled_for_training
 
 # Width, batch sizes and optimizer of train.py's PRESETS[(task, "cpu")], with the paper's 4-layer AGAG
 # stack (the cpu training presets use 2 layers, AG) so that "hybrid vs attention-only" compares 4 layers.
@@ -475,7 +475,7 @@ def bench_compile(sizes, device, repeats, peak):
         for mode in TIMED_COMPILE_MODES[device.type]:
             model = make_model()
             try:
-                step = training_step(model, idx, targets, forward=torch.compile(model, mode=mode),
+                step = training_step(model, idx, targets, forward=compiled_for_training(model, mode),
                                      cuda_graphs=mode == "reduce-overhead")
                 sync(device)
                 t0 = time.perf_counter()
@@ -489,7 +489,7 @@ def bench_compile(sizes, device, repeats, peak):
         rows.append(row("compile", f"{setting}, eager", t["eager"] * 1e3, "ms", tokens_per_s=B * task.seq_len / t["eager"],
                         mfu=flops / t["eager"] / peak if peak else None))
         for mode in TIMED_COMPILE_MODES[device.type]:
-            label = f"{setting}, torch.compile mode={mode}"
+            label = f"{setting}, --compile --compile_mode={mode}"
             if mode in failed:
                 rows.append(row("compile", label, None, "ms", reason=failed[mode]))
                 continue

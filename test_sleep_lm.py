@@ -367,11 +367,13 @@ def test_compiled_model_matches_eager_loss_and_gradients():
     # aot_eager_decomp_partition: dynamo + AOT autograd, run eagerly, no C++ compiler. Plain aot_eager
     # fails in backward on this model with torch 2.13 (eager softplus_backward returns other strides
     # than the traced graph assumes, "view size is not compatible"); inductor compiles it.
-    # The window loop (run_windows) must compile as one graph (fullgraph=True fails on any graph break,
-    # which would cost a device sync per window on CUDA and split its CUDA graphs); forward adds only
-    # the eager checks (plan_windows) in front of it.
+    # train.py --compile compiles each window (process_window) with fullgraph=True, and the whole window
+    # loop (run_windows) must compile as one graph too: fullgraph fails on any graph break, which would
+    # cost a device sync per window on CUDA and split its CUDA graphs. forward adds only the eager
+    # checks (plan_windows) in front of the loop.
     model = tiny_model(dtype=torch.float32, layers="AG", gdn_chunk_size=8)
-    compiled = torch.compile(model, backend="aot_eager_decomp_partition")
+    compiled = train.compiled_for_training(model, backend="aot_eager_decomp_partition")
+    assert "process_window" not in vars(model), "the model itself stays eager (evaluation uses it)"
     loop = torch.compile(model.run_windows, backend="aot_eager_decomp_partition", fullgraph=True)
     x = tokens(2, 16)                                    # a consolidation window, then a prediction window
     y = torch.full_like(x, -1)
@@ -387,7 +389,7 @@ def test_compiled_model_matches_eager_loss_and_gradients():
             loss.backward()
             results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
         (eager_loss, eager_grads), *others = results
-        for kind, (compiled_loss, compiled_grads) in zip(("compiled model", "fullgraph window loop"), others):
+        for kind, (compiled_loss, compiled_grads) in zip(("train.py --compile", "fullgraph window loop"), others):
             what = f"{kind}, N={N}, bptt_passes={bptt_passes}"
             assert_close(compiled_loss, eager_loss, 1e-6, 1e-6, what=f"loss, {what}")
             for (name, _), a, b in zip(model.named_parameters(), compiled_grads, eager_grads):
@@ -395,13 +397,12 @@ def test_compiled_model_matches_eager_loss_and_gradients():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels and CUDA graphs need CUDA")
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-@pytest.mark.parametrize("precision", ["float32", "bf16"])
+@pytest.mark.parametrize("mode, precision", [("default", "bf16"), ("reduce-overhead", "float32")])
 def test_inductor_compiled_training_matches_eager_on_cuda(mode, precision):
     # train.py --compile --compile_mode=MODE on the GPU: real inductor kernels (and, for reduce-overhead,
     # CUDA graphs, replayed on a second batch: stale inputs would show there).
     model = tiny_model(dtype=torch.float32, device="cuda", layers="AG", window=8)
-    compiled = torch.compile(model, mode=mode)
+    compiled = train.compiled_for_training(model, mode)
     rtol, atol = TOLERANCE[precision]["model"]
     for batch in range(2):
         x = tokens(4, 24, seed=batch).cuda()                 # two consolidation windows, then a prediction window

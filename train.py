@@ -30,6 +30,7 @@ worker processes (--num_workers); gradient accumulation and several GPUs split t
 update only up to float rounding.
 """
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -414,6 +415,17 @@ def evaluate(model, task, eval_data, batch_size, device, sleep_passes):
     return results
 
 
+def compiled_for_training(model, mode="default", backend="inductor"):
+    """--compile: a view of model (same parameters) whose process_window, one window's embedding, wake
+    pass and N - 1 sleep passes, runs under torch.compile as one graph. That is the unit that repeats:
+    one graph per kind of window (consolidation or prediction, per shape and N), reused by every window
+    of its kind, so compiling does not grow with the number of windows. Evaluation keeps the eager model."""
+    fast = copy.copy(model)   # shares the modules and parameters; only the attribute below differs
+    fast.process_window = torch.compile(model.process_window, mode=mode, backend=backend, fullgraph=True,
+                                        dynamic=False)
+    return fast
+
+
 def autocast(device):
     """bf16 autocast on CUDA (the recurrent state stays float32 inside the model); float32 elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
@@ -577,7 +589,7 @@ def train(cfg, task_overrides, log=print):
         raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of {world_size} processes x "
                          f"--gradient_accumulation_steps={accumulation}")
     micro = cfg.batch_size // world_size // accumulation
-    model_for_step = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    model_for_step = compiled_for_training(model, cfg.compile_mode) if cfg.compile else model
     cuda_graphs = cfg.compile and "cudagraphs" not in cfg.compile_mode and cfg.compile_mode != "default"
     if world_size > 1:
         model_for_step = DDP(model_for_step, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
