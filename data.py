@@ -12,8 +12,9 @@ Task base class, then one class per task, each with its layout drawn in its docs
              distractors, then the answer with no chain of thought. Difficulty = operation count.
 
 Every task has a "paper" preset (the paper's exact layout) and a small "cpu" preset (the same
-structure, small enough that a tiny model learns it on a laptop CPU in minutes); any parameter can
-be overridden: make_task("depo", preset="cpu", max_hops=6). Nothing is downloaded.
+structure, small enough that a tiny model learns it on a laptop CPU in minutes); Rule 110 and Depo
+also a "gpu" preset (the paper's layout, sized for minutes on one GPU). Any parameter can be
+overridden: make_task("depo", preset="cpu", max_hops=6). Nothing is downloaded.
 
 Shapes: B batch, T sequence length (task.seq_len, fixed per preset), L window (task.window).
 
@@ -271,6 +272,8 @@ class Rule110(Task):
     level_name = "t"
     presets = {
         "paper": dict(states=4, width=24, t_min=32, t_max=32, levels=(32,)),
+        # gpu: the paper's layout (4 states of 24 cells, L = 24) at the cpu preset's rollouts and beyond.
+        "gpu": dict(states=4, width=24, t_min=1, t_max=12, levels=(2, 4, 6, 8, 12)),
         # W=12 is too small: 4096 states can be memorised as a lookup table.
         "cpu": dict(states=1, width=16, t_min=1, t_max=8, levels=(2, 4, 6, 8)),
     }
@@ -368,6 +371,10 @@ class Depo(Task):
         # in 2000 steps at N = 1 and N = 4 alike (README, "Making sleep pay off").
         "cpu": dict(max_nodes=8, min_nodes=3, name_tokens=16, prefix_tokens=0, max_hops=2,
                     levels=(1, 2), queries=3, graph_len=24, query_len=12, window=24),
+        # gpu: the paper's layout at 40% scale: up to 32 nodes (16 one-token names, 192 two-token ones) in a
+        # graph of 128-160 tokens over 4 windows of 40, evicted before 6 queries, k <= 8.
+        "gpu": dict(max_nodes=32, min_nodes=3, name_tokens=24, prefix_tokens=8, max_hops=8,
+                    levels=(1, 2, 4, 8), queries=6, graph_len=160, query_len=36, window=40),
     }
 
     def _validate(self):

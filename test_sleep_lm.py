@@ -667,7 +667,7 @@ def evaluate_math(statements, quantity, used):
 
 
 @pytest.mark.parametrize("preset,overrides", [
-    ("cpu", {}), ("paper", {}), ("cpu", dict(states=3, width=11, t_min=0, t_max=12, levels=(0, 5, 12)))])
+    ("cpu", {}), ("gpu", {}), ("paper", {}), ("cpu", dict(states=3, width=11, t_min=0, t_max=12, levels=(0, 5, 12)))])
 def test_rule110_answers_match_an_independent_simulation(preset, overrides):
     task = data.make_task("rule110", preset, **overrides)
     states, width = task.params["states"], task.params["width"]
@@ -680,7 +680,7 @@ def test_rule110_answers_match_an_independent_simulation(preset, overrides):
             assert answers[i] == rule110_after(state, t)[0]
 
 
-@pytest.mark.parametrize("preset", ["cpu", "paper"])
+@pytest.mark.parametrize("preset", sorted(data.Depo.presets))
 def test_depo_answers_match_walking_the_decoded_cycle(preset):
     task = data.make_task("depo", preset)
     p = task.params
@@ -742,8 +742,10 @@ def test_math_answers_match_evaluating_the_decoded_statements(rendering):
 # ---- layouts
 
 
-@pytest.mark.parametrize("name", ["rule110", "depo", "math"])
-@pytest.mark.parametrize("preset", ["cpu", "paper"])
+TASK_PRESETS = [(cls.name, preset) for cls in (data.Rule110, data.Depo, data.Math) for preset in cls.presets]
+
+
+@pytest.mark.parametrize("name, preset", TASK_PRESETS)
 def test_targets_are_minus_one_outside_answer_positions(name, preset):
     task = data.make_task(name, preset)
     idx, targets, _ = task.train_batch(8 if name == "math" and preset == "paper" else 64, step=0)
@@ -763,8 +765,7 @@ def test_targets_are_minus_one_outside_answer_positions(name, preset):
         assert set(torch.nonzero(target_row != -1).flatten().tolist()) == expected
 
 
-@pytest.mark.parametrize("name", ["rule110", "depo", "math"])
-@pytest.mark.parametrize("preset", ["cpu", "paper"])
+@pytest.mark.parametrize("name, preset", TASK_PRESETS)
 def test_all_answers_lie_in_one_prediction_chunk_after_the_first_window(name, preset):
     task = data.make_task(name, preset)
     _, targets, _ = task.train_batch(8 if name == "math" and preset == "paper" else 64, step=5)
@@ -891,7 +892,7 @@ def test_encode_inverts_decode(name):
 
 @pytest.mark.parametrize("name,preset,overrides,parameter", [
     ("sudoku", "cpu", {}, "name"),
-    ("rule110", "gpu", {}, "preset"),
+    ("rule110", "tpu", {}, "preset"), ("math", "gpu", {}, "preset"),
     ("rule110", "cpu", dict(colour=1), "colour"),
     ("rule110", "cpu", dict(width=2), "width"),
     ("rule110", "cpu", dict(width=16.5), "width"),

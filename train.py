@@ -54,7 +54,7 @@ from sleep_lm import SleepLM, SleepLMConfig
 @dataclass
 class TrainConfig:
     task: str = "rule110"            # rule110, depo or math
-    preset: str = "cpu"              # cpu (minutes on a laptop CPU) or paper (the paper's scale, one GPU)
+    preset: str = "cpu"              # cpu (minutes on a laptop CPU), gpu (minutes on one GPU; rule110, depo) or paper (the paper's scale)
     seed: int = 0                    # model init and data order
     # model
     n_embd: int = 64                 # model width
@@ -116,6 +116,12 @@ PRESETS = {
     ("rule110", "cpu"): dict(n_embd=64, n_head=2, layers="AG", batch_size=128, max_iters=4000, eval_interval=500),
     ("depo", "cpu"): dict(n_embd=64, n_head=2, layers="AG", batch_size=64, max_iters=3000, eval_interval=500),
     ("math", "cpu"): dict(n_embd=64, n_head=2, layers="AG", batch_size=64, max_iters=3000, eval_interval=500),
+    # One GPU, minutes: the paper's layouts (data.py's gpu presets) with a 4-layer AGAG model, d = 128,
+    # head size 64, for the N = 1 / 2 / 4 sweeps of the README's "Results on one GPU". Rule 110 and Depo.
+    ("rule110", "gpu"): dict(n_embd=128, n_head=2, batch_size=256, max_iters=3000, eval_interval=500,
+                             eval_examples=1024),
+    ("depo", "gpu"): dict(n_embd=128, n_head=2, batch_size=128, max_iters=3000, eval_interval=500,
+                          eval_examples=1024),
     # One GPU, the paper's model (4 layers, d = 256, AGAG) and batch sizes; Muon 2e-3 / AdamW 5e-5.
     # Rule 110: ~5B tokens = 100k steps of 512 x 100 tokens. Depo and math: sized to a 1-2 GPU-day run.
     ("rule110", "paper"): dict(n_embd=256, n_head=4, batch_size=512, max_iters=100_000, adamw_lr=5e-5,
@@ -149,7 +155,9 @@ def _convert(key, text, default):
 def preset_settings(task_name, preset):
     """Every setting's default for this task and preset (TrainConfig's defaults, then the preset's)."""
     if (task_name, preset) not in PRESETS:
-        raise ValueError(f"--task must be one of rule110, depo, math and --preset one of cpu, paper; "
+        presets = {t: [p for t2, p in PRESETS if t2 == t] for t, _ in PRESETS}
+        listed = "; ".join(f"{t}: {', '.join(p)}" for t, p in presets.items())
+        raise ValueError(f"--task must be one of {', '.join(presets)} and --preset one of its presets ({listed}); "
                          f"got task={task_name!r}, preset={preset!r}")
     return {**dataclasses.asdict(TrainConfig()), "task": task_name, "preset": preset, **PRESETS[task_name, preset]}
 
