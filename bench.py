@@ -523,12 +523,34 @@ def bench_compiled_rule(sizes, device, repeats):
                       "compiled": lambda: forward_backward(compiled, inputs)}, device, repeats)
     with torch.no_grad():
         f = median_times({"eager": lambda: rule(*inputs), "compiled": lambda: compiled(*inputs)}, device, repeats)
-    return [row("compile", f"{setting}, fwd+bwd, eager", t["eager"] * 1e3, "ms"),
+    return [*fla_yardstick(inputs, setting, f["compiled"], device, repeats),
+            row("compile", f"{setting}, fwd+bwd, eager", t["eager"] * 1e3, "ms"),
             row("compile", f"{setting}, fwd+bwd, torch.compile", t["compiled"] * 1e3, "ms", t["eager"] / t["compiled"],
                 "eager / compiled", (">=", 5) if device.type == "cuda" else None),
             row("compile", f"{setting}, forward only, eager", f["eager"] * 1e3, "ms"),
             row("compile", f"{setting}, forward only, torch.compile (max abs diff to eager {diff:.1e})",
                 f["compiled"] * 1e3, "ms", f["eager"] / f["compiled"], "eager / compiled")]
+
+def fla_yardstick(inputs, setting, ours, device, repeats):
+    """flash-linear-attention's Triton chunk_gated_delta_rule, forward, on the same inputs: a yardstick
+    for CUDA, not a dependency; a row only where it imports (PYTHONPATH=<a checkout of
+    fla-org/flash-linear-attention>, which also needs einops). ours: our compiled forward's seconds."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception as e:
+        return [] if device.type != "cuda" else [
+            row("compile", "flash-linear-attention chunk_gated_delta_rule (yardstick)", None, "ms",
+                reason=f"not importable here ({type(e).__name__})")]
+    q, k, v, g, beta = (x.detach() for x in inputs)
+
+    def fla():   # our q is scaled already: scale 1; states (B, H, Dk, Dv) as ours
+        return chunk_gated_delta_rule(q, k, v, g, beta, scale=1.0, output_final_state=True)
+    with torch.no_grad():
+        (o, s), (o_ref, s_ref) = fla(), gated_delta_rule(q, k, v, g, beta, chunk_size=64)
+        diff = max((o.float() - o_ref).abs().max().item(), (s.float() - s_ref).abs().max().item())
+        t = median_times({"fla": fla}, device, repeats)["fla"]
+    return [row("compile", f"{setting}, forward only, flash-linear-attention's Triton kernel (yardstick; max abs "
+                f"diff to ours {diff:.1e})", t * 1e3, "ms", ours / t, "our compiled forward / fla", ("<=", 2))]
 
 # -----------------------------------------------------------------------------
 
