@@ -22,9 +22,10 @@ What is measured:
               predicted tokens) / all tokens; and the hybrid at N = 1 against an attention-only model
               ("AAAA") of the same width and depth.
   3. wake     ms per decoded token (SleepCache.feed of one token; median over 16 consecutive tokens)
-              at positions L, 4L, 16L, 64L for the sleeping hybrid (hard eviction, N=4) and the same
-              model with eviction "none" (full attention, growing KV cache); and the cost of one
-              sleep (N passes over a full window).
+              at positions L, 4L, 16L, 64L for the sleeping hybrid (hard eviction, N=4), eager and with
+              SleepCache(compile_mode=...) (reduce-overhead on CUDA: CUDA graphs), and the same model
+              with eviction "none" (full attention, growing KV cache); and the cost of one sleep (N
+              passes over a full window).
   4. memory   peak memory allocated by one training step over 8 consolidation windows + 1 prediction
               window at N = 1, 4, 8: full backprop, truncated (bptt_passes=1), per-window checkpointing.
               CUDA: torch.cuda.max_memory_allocated; CPU: the allocation events recorded by
@@ -55,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import PAPER_BATCH_SIZE, make_task
 from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
-from train import PRESETS, autocast, compiled_for_training
+from train import PRESETS, autocast, compiled_for_training, configure_optimizers
 
 # Width, batch sizes and optimizer of train.py's PRESETS[(task, "cpu")], with the paper's 4-layer AGAG
 # stack (the cpu training presets use 2 layers, AG) so that "hybrid vs attention-only" compares 4 layers.
@@ -256,7 +257,7 @@ def training_step(model, idx, targets, forward=None, cuda_graphs=False):
     autocast on CUDA, as train.py). step.flops() counts the matmul FLOPs of its forward + backward.
     cuda_graphs: forward is compiled with CUDA graphs (mode reduce-overhead): mark each new step."""
     forward = model if forward is None else forward
-    optimizers = model.configure_optimizers(learning_rate=LEARNING_RATE, adamw_lr=ADAMW_LR)
+    optimizers = configure_optimizers(model, learning_rate=LEARNING_RATE, adamw_lr=ADAMW_LR)
 
     def forward_backward():
         if cuda_graphs:
@@ -365,28 +366,39 @@ def bench_wake(sizes, device, repeats):
     L, B, n_tokens = sizes["wake_window"], sizes["wake_batch"], sizes["wake_tokens"]
     vocab_size = 32
     assert n_tokens + 1 < L, "the timed tokens must fit in one window, so that no sleep fires among them"
+    mode = TIMED_COMPILE_MODES[device.type][-1]
     rows = []
     for eviction in ("hard", "none"):
         model = preset_model(vocab_size, L, device, sleep_passes=4, eviction=eviction).eval()
+        # eager caches, and for the sleeping hybrid the fast path (static shapes, the one-token step
+        # compiled; once per cache, all with the same shapes), timed round by round together
+        kinds = ("eager", "compiled") if eviction == "hard" and sizes["compile"] else ("eager",)
         feeds = {}
-        for multiple in WAKE_POSITIONS:
-            cache = SleepCache(model, B)
-            cache.feed(torch.randint(0, vocab_size, (B, multiple * L), device=device))
-            tokens = iter(torch.randint(0, vocab_size, (n_tokens + 1, B, 1), device=device))
-            feeds[multiple] = lambda cache=cache, tokens=tokens: cache.feed(next(tokens))
+        for kind in kinds:
+            for multiple in WAKE_POSITIONS:
+                cache = SleepCache(model, B, compile_mode=mode if kind == "compiled" else None)
+                cache.feed(torch.randint(0, vocab_size, (B, multiple * L), device=device))
+                tokens = iter(torch.randint(0, vocab_size, (n_tokens + 2, B, 1), device=device))
+                cache.feed(next(tokens))   # compiles, for the compiled kind
+                feeds[kind, multiple] = lambda cache=cache, tokens=tokens: cache.feed(next(tokens))
         t = median_times(feeds, device, repeats=n_tokens, warmup=1)
-        kind = "sleeping hybrid (hard eviction, N=4)" if eviction == "hard" else "full attention (eviction none)"
-        for multiple in WAKE_POSITIONS:
-            position = "L" if multiple == 1 else f"{multiple}L"
-            rows.append(row("wake", f"{kind}, L={L} B={B}: one token at position {position}", t[multiple] * 1e3, "ms",
-                            t[multiple] / t[1], "/ position L",
-                            ("<=", 1.15) if eviction == "hard" and multiple == WAKE_POSITIONS[-1] else None))
+        name = "sleeping hybrid (hard eviction, N=4)" if eviction == "hard" else "full attention (eviction none)"
+        for kind in kinds:
+            for multiple in WAKE_POSITIONS:
+                position = "L" if multiple == 1 else f"{multiple}L"
+                setting = f"{name}, L={L} B={B}: one token at position {position}"
+                if kind == "eager":
+                    rows.append(row("wake", setting, t[kind, multiple] * 1e3, "ms", t[kind, multiple] / t[kind, 1],
+                                    "/ position L", ("<=", 1.15) if eviction == "hard" and multiple == WAKE_POSITIONS[-1] else None))
+                else:
+                    rows.append(row("wake", f"{setting}, SleepCache(compile_mode={mode!r})", t[kind, multiple] * 1e3,
+                                    "ms", t["eager", multiple] / t[kind, multiple], "eager / compiled"))
         if eviction == "hard":   # one sleep: N passes over a full window, i.e. feed L tokens at a window boundary
             cache = SleepCache(model, B)
             windows = iter(torch.randint(0, vocab_size, (repeats + 1, B, L), device=device))
             sleep = median_times({"sleep": lambda: cache.feed(next(windows))}, device, repeats)["sleep"]
-            rows.append(row("wake", f"{kind}, L={L} B={B}: one sleep (4 passes over a window of L tokens, then evict)",
-                            sleep * 1e3, "ms", sleep / (L * t[1]), "sleep / (L x one-token wake)"))
+            rows.append(row("wake", f"{name}, L={L} B={B}: one sleep (4 passes over a window of L tokens, then evict)",
+                            sleep * 1e3, "ms", sleep / (L * t["eager", 1]), "sleep / (L x one-token wake)"))
     return rows
 
 # -----------------------------------------------------------------------------

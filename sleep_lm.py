@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
 EVICTIONS = ("hard", "sliding", "none")
@@ -235,8 +236,8 @@ class GatedDeltaNet(nn.Module):
     q, k, v pass a short causal depthwise conv + SiLU; q and k are L2-normalised per head (q also
     scaled by 1/sqrt(Dk)); beta = sigmoid(W_b x); log_decay = -exp(A_log) * softplus(W_a x + dt_bias).
     The output goes through a gated RMSNorm, norm(o) * silu(W_g x), and a projection.
-    The context is the conv window: the last conv_size - 1 pre-conv q, k, v rows, (B, conv_size - 1, 3 * H * D),
-    or None for zeros.
+    The context is the conv window: the last conv_size - 1 pre-conv q, k, v rows, (B, conv_size - 1, 3 * H * D)
+    (zeros at the start and after a hard eviction; None also means zeros).
     """
 
     def __init__(self, config):
@@ -257,7 +258,7 @@ class GatedDeltaNet(nn.Module):
         self.proj = nn.Linear(inner, config.n_embd, bias=False)
 
     def empty_context(self, batch_size, device, dtype):
-        return None
+        return torch.zeros(batch_size, self.conv_size - 1, 3 * self.n_head * self.head_dim, device=device, dtype=dtype)
 
     def forward(self, x, pos, context, S, span):
         B, T, _ = x.shape
@@ -344,8 +345,7 @@ class SleepLMConfig:
     gdn_chunk_size: int = 64      # chunk of the chunkwise-parallel local rule
     rope_base: float = 10000.0
     bptt_passes: int | None = None     # truncated backprop: only the last K passes of a consolidation window are
-                                       # recorded; the earlier ones count as the identity in backward
-                                       # (straight-through, see SleepLM.process_window)
+                                       # recorded; the earlier ones are the identity in backward (process_window)
     checkpoint_windows: bool = False   # recompute each window's passes in backward (activation checkpointing)
     input_injection: bool = False      # add the looped blocks' pass-1 input (the embeddings, by default) to the
                                        # features before every sleep pass (a deviation from Algorithm 1, as in
@@ -488,7 +488,7 @@ class SleepLM(nn.Module):
             if eviction == "none":
                 kept.append(ext)
             elif block.kind == "G":
-                kept.append(ext if eviction == "sliding" else None)
+                kept.append(ext if eviction == "sliding" else torch.zeros_like(ext))
             else:
                 keep = window - 1 if eviction == "sliding" else 0
                 k, v, pos = ext
@@ -505,17 +505,13 @@ class SleepLM(nn.Module):
 
         Pass 1 (wake) runs every block; passes 2..N run the looped blocks (config.sleep_blocks, all by
         default), each on the previous pass's output of the looped segment and the S the previous
-        pass left. Attention and the conv see the window (and, under sliding eviction, the kept
-        context) only.
-        Truncated backprop: the first `untracked` passes (a Python int, decided by forward) run
-        without gradient, and their result is reconnected to the graph straight-through:
-            h = embeddings + (h_untracked - embeddings).detach()
-            S = S_in + (S_untracked - S_in).detach()          per GDN block
-        The forward values are those of the untracked passes (up to rounding); backward treats the
-        untracked passes as the identity, so the gradient still reaches the embeddings and the
-        incoming S of every window. The weights get no gradient from the untracked passes.
-        Returns the wake logits (from pass 1, what a decoder sees), the final S and the extended
-        context (of the last pass for looped blocks, of pass 1 for the others).
+        pass left. Attention and the conv see the window (and, sliding, the kept context) only.
+        Truncated backprop: the first `untracked` passes (a Python int) run without gradient and are
+        reconnected straight-through, h = embeddings + (h_untracked - embeddings).detach() and per GDN
+        block S = S_in + (S_untracked - S_in).detach(): their forward values, the identity in backward
+        (the gradient still reaches the embeddings and the incoming S; the weights get none from them).
+        Returns the wake logits (pass 1, what a decoder sees), the final S and the extended context
+        (of the last pass for looped blocks, of pass 1 for the others).
         """
         embeddings = self.wte(idx)
         S_in = S
@@ -580,8 +576,8 @@ class SleepLM(nn.Module):
         all_logits, predicted_logits, predicted_targets = [], [], []
         for w, start in enumerate(range(0, T, L)):
             passes = N if consolidate[w] else 1
-            # Truncated backprop: passes run without gradient. A Python int decided here, so that a
-            # compiled process_window switches grad mode on no symbolic value.
+            # Truncated backprop: passes without gradient, a Python int (a compiled process_window
+            # must not switch grad mode on a symbolic value).
             untracked = max(passes - bptt, 0) if bptt and torch.is_grad_enabled() else 0
             pos = torch.arange(start, min(start + L, T), device=idx.device)
             args = (idx[:, start:start + L], pos, context, S, passes, span, untracked)
@@ -603,54 +599,32 @@ class SleepLM(nn.Module):
         return logits, loss
 
     def _check_tokens(self, name, x, allow_ignore=False):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype != torch.long:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name} must be a (B, T) LongTensor, got {shape} "
-                             f"{x.dtype if isinstance(x, torch.Tensor) else ''}".rstrip())
-        if x.shape[1] == 0:
-            raise ValueError(f"{name} must have at least one token")
-        low = -1 if allow_ignore else 0
-        if x.numel() and (x.min() < low or x.max() >= self.config.vocab_size):
-            allowed = f"-1 (ignore) or 0..{self.config.vocab_size - 1}" if allow_ignore else f"0..{self.config.vocab_size - 1}"
-            raise ValueError(f"{name} holds ids outside the vocabulary: allowed {allowed}, "
-                             f"got min {int(x.min())}, max {int(x.max())}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype != torch.long or x.shape[1] == 0:
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a (B, T) LongTensor with T >= 1, got {got}")
+        low, high = (int(v) for v in torch.stack([x.min(), x.max()]).tolist()) if x.numel() else (0, 0)
+        if low < (-1 if allow_ignore else 0) or high >= self.config.vocab_size:
+            allowed = ("-1 (ignore) or " if allow_ignore else "") + f"0..{self.config.vocab_size - 1}"
+            raise ValueError(f"{name} holds ids outside the vocabulary: allowed {allowed}, got min {low}, max {high}")
 
-    # -- optimisation and inference ----------------------------------------------------------
-
-    def configure_optimizers(self, learning_rate, adamw_lr, weight_decay=0.0, betas=(0.9, 0.95), optimizer="muon"):
-        """Muon for the 2-D hidden matrices (the paper's optimiser); AdamW for the embedding, the
-        head, norm gains, the GDN gates (a_proj, b_proj, A_log, dt_bias) and conv weights.
-        Weight decay applies to matrices only. optimizer="adamw": AdamW at learning_rate for the
-        matrices too. Returns a list of optimizers (stepped together)."""
-        _check_choice("optimizer", optimizer, ("muon", "adamw"))
-        matrices, others = [], []
-        for name, p in self.named_parameters():
-            is_gate = name.endswith(("a_proj.weight", "b_proj.weight"))
-            if name.startswith("blocks.") and p.dim() == 2 and not is_gate:
-                matrices.append(p)
-            else:
-                others.append(p)
-        adamw_groups = [{"params": others, "lr": adamw_lr, "weight_decay": 0.0}]
-        if optimizer == "adamw":
-            adamw_groups.append({"params": matrices, "lr": learning_rate, "weight_decay": weight_decay})
-            return [torch.optim.AdamW(adamw_groups, betas=betas)]
-        muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-        return [muon, torch.optim.AdamW(adamw_groups, betas=betas)]
+    # -- inference ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, sleep_passes=None, window=None,
-                 eviction=None):
+                 eviction=None, compile_mode=None):
         """Continue idx (B, T) by max_new_tokens tokens, sleeping whenever a window fills.
 
         The prompt is read window by window (full windows are slept on); then each new token costs
         one wake pass over one token, whatever the distance already generated.
         temperature > 0 samples from softmax(logits / temperature); temperature = 0 is greedy (argmax).
         top_k = K samples among the K most likely tokens only; None: no filtering.
+        compile_mode: decode through SleepCache's compiled one-token step (a fast path; see SleepCache).
         """
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
         _check_int("top_k", top_k, 1, allow_none=True)
-        cache = SleepCache(self, idx.shape[0], sleep_passes=sleep_passes, window=window, eviction=eviction)
+        cache = SleepCache(self, idx.shape[0], sleep_passes=sleep_passes, window=window, eviction=eviction,
+                           compile_mode=compile_mode)
         logits = cache.feed(idx)[:, -1]
         for _ in range(max_new_tokens):
             if temperature == 0:
@@ -680,18 +654,40 @@ class SleepCache:
     sleep()     the remaining N - 1 passes of the looped blocks over the window (pass 1 was the wake pass)
     evict()     drop the window's KV and features; keep S (and, sliding, the newest L - 1 tokens)
     Memory is bounded by the window: at most 2L - 1 attention entries, L features and loop inputs, and S.
+
+    compile_mode (a fast path, hard or sliding eviction): keep every attention context at exactly L - 1
+    entries (fixed_context) so that all one-token wake steps have the same shapes, and run them under
+    torch.compile in this mode ("reduce-overhead": one CUDA graph replay per token). Same logits.
     """
 
-    def __init__(self, model, batch_size, *, sleep_passes=None, window=None, eviction=None):
+    def __init__(self, model, batch_size, *, sleep_passes=None, window=None, eviction=None, compile_mode=None):
         self.model = model
         self.batch_size = batch_size
         self.sleep_passes, self.window, self.eviction = model.resolve(sleep_passes, window, eviction)
         self.span = self.window if self.eviction != "none" else float("inf")
+        self.compile_mode = compile_mode if self.eviction != "none" else None
+        if self.compile_mode:
+            self.compiled_step = torch.compile(self.wake_step, mode=compile_mode, fullgraph=True, dynamic=False)
         self.reset()
+
+    def fixed_context(self, context):
+        """With compile_mode: each attention context as its newest L - 1 entries, padded in front with
+        zero entries at position 2^40, which no query can see (later than every query)."""
+        if not self.compile_mode:
+            return context
+        fixed, M = [], self.window - 1
+        for block, ctx in zip(self.model.blocks, context):
+            if block.kind == "A":   # torch.cat: a new contiguous tensor, so the strides never change either
+                k, v, pos = ctx
+                pad, keep = max(M - len(pos), 0), len(pos) - min(M, len(pos))
+                ctx = (*(torch.cat([x.new_zeros(*x.shape[:2], pad, x.shape[3]), x[:, :, keep:]], 2) for x in (k, v)),
+                       torch.cat([pos.new_full((pad,), 2**40), pos[keep:]]))
+            fixed.append(ctx if block.kind == "A" else ctx.contiguous())
+        return fixed
 
     def reset(self):
         self.context, self.S = self.model.empty_state(self.batch_size)
-        self.window_context = self.context
+        self.context = self.window_context = self.fixed_context(self.context)
         self.features, self.loop_inputs = [], []
         self.pos = 0            # absolute position of the next token
         self.window_start = 0
@@ -704,13 +700,25 @@ class SleepCache:
         if self.eviction != "none" and self.window_length() + idx.shape[1] > self.window:
             raise ValueError(f"wake got {idx.shape[1]} tokens but only {self.window - self.window_length()} fit in the window")
         pos = torch.arange(self.pos, self.pos + idx.shape[1], device=idx.device)
-        out, self.S, self.context, loop_input, h = self.model.wake_pass(self.model.wte(idx), pos, self.context,
-                                                                         self.S, self.span)
+        if self.compile_mode and idx.shape[1] == 1:
+            if self.compile_mode in ("reduce-overhead", "max-autotune"):   # CUDA graphs: a new step, and clones,
+                torch.compiler.cudagraph_mark_step_begin()                  # since the next replay overwrites outputs
+            result = tree_map(lambda x: x.clone() if torch.is_tensor(x) else x,
+                              self.compiled_step(idx, pos, self.context, self.S))
+        else:
+            result = self.wake_step(idx, pos, self.context, self.S)
+        logits, self.S, self.context, loop_input, h = result
         if self.eviction != "none":
             self.features.append(h)
             self.loop_inputs.append(loop_input)
         self.pos += idx.shape[1]
-        return self.model.head(out)
+        return logits
+
+    def wake_step(self, idx, pos, context, S):
+        """The wake pass over idx at positions pos: logits, S, context (fixed, with compile_mode), and the
+        looped blocks' input and output features. compile_mode compiles this function."""
+        out, S, context, loop_input, h = self.model.wake_pass(self.model.wte(idx), pos, context, S, self.span)
+        return self.model.head(out), S, self.fixed_context(context), loop_input, h
 
     def sleep(self):
         """Passes 2..N of the looped blocks over the full window, from the window's starting context
@@ -722,7 +730,7 @@ class SleepCache:
                                                             self.context, self.span)
 
     def evict(self):
-        self.context = self.model.evict(self.context, self.window, self.eviction)
+        self.context = self.fixed_context(self.model.evict(self.context, self.window, self.eviction))
         self.window_context = self.context
         self.features, self.loop_inputs = [], []
         self.window_start = self.pos

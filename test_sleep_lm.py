@@ -470,8 +470,35 @@ def test_cache_holds_exactly_the_current_window_and_the_kept_context(eviction, s
                 assert ctx[0].shape[2] == ctx[1].shape[2] == kept + in_window, f"attention entries after {n} tokens"
                 assert ctx[2].tolist() == list(range(n - kept - in_window, n)), "the newest positions are kept"
             else:
-                assert (ctx is None) if eviction == "hard" and in_window == 0 else (ctx.shape[1] == 3)
+                assert ctx.shape[1] == 3, "the conv window: conv_size - 1 rows"
+                if eviction == "hard" and in_window == 0:
+                    assert not ctx.any(), "hard eviction zeroes the conv window"
         assert sum(f.shape[1] for f in cache.features) == sum(e.shape[1] for e in cache.loop_inputs) == in_window
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_compiled_one_token_wake_has_static_shapes_and_matches_the_eager_cache(eviction):
+    # SleepCache(compile_mode=...) keeps every attention context at L - 1 entries, so that all one-token
+    # wake steps share one graph: a backend that counts its compiles sees exactly one over three windows
+    # (prefill, sleeps and evictions in between), and the logits equal the eager cache's.
+    model = tiny_model(sleep_passes=2, eviction=eviction)
+    compiles = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiles.append(graph_module)
+        return graph_module.forward
+    fast = SleepCache(model, 2, compile_mode="default")
+    fast.compiled_step = torch.compile(fast.wake_step, backend=counting_backend, fullgraph=True, dynamic=False)
+    x = tokens(2, 29)                                    # windows of 8: three sleeps and a partial window
+    with torch.no_grad():
+        eager = SleepCache(model, 2)
+        expected = torch.cat([eager.feed(x[:, t:t + 1]) for t in range(29)], dim=1)
+        streamed = torch.cat([fast.feed(x[:, :5])] + [fast.feed(x[:, t:t + 1]) for t in range(5, 29)], dim=1)
+    assert_close(streamed, expected, what="static-shape compiled wake vs the eager cache")
+    assert len(compiles) == 1, f"{len(compiles)} graphs: the one-token step changed shape"
+    for ctx, block in zip(fast.context, model.blocks):
+        if block.kind == "A":
+            assert ctx[0].shape[2] == model.config.window - 1
 
 
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
@@ -1395,3 +1422,16 @@ def test_bench_counts_the_flops_of_every_pass_and_of_backward():
     with FlopCounterMode(display=False) as forward_only, torch.no_grad():
         model(idx, targets)
     assert 2.5 < flops[0] / forward_only.get_total_flops() < 3.5
+
+
+def test_optimizers_put_the_hidden_matrices_on_muon_and_the_rest_on_adamw():
+    model = tiny_model(dtype=torch.float32)
+    muon, adamw = train.configure_optimizers(model, 2e-3, 5e-4)
+    on_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        hidden = name.startswith("blocks.") and p.dim() == 2 and not name.endswith(("a_proj.weight", "b_proj.weight"))
+        assert (id(p) in on_muon) == hidden, name
+    assert sum(len(g["params"]) for g in adamw.param_groups) == len(list(model.parameters())) - len(on_muon)
+    assert len(train.configure_optimizers(model, 2e-3, 5e-4, optimizer="adamw")) == 1
+    with pytest.raises(ValueError, match="--optimizer must be one of muon, adamw"):
+        train.configure_optimizers(model, 2e-3, 5e-4, optimizer="sgd")

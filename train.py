@@ -423,6 +423,25 @@ def evaluate(model, task, eval_data, batch_size, device, sleep_passes):
     return results
 
 
+def configure_optimizers(model, learning_rate, adamw_lr, weight_decay=0.0, betas=(0.9, 0.95), optimizer="muon"):
+    """Muon for the 2-D hidden matrices (the paper's optimiser); AdamW for the embedding, the head,
+    norm gains, the GDN gates (a_proj, b_proj, A_log, dt_bias) and conv weights. Weight decay applies
+    to matrices only. optimizer="adamw": AdamW at learning_rate for the matrices too. Returns a list
+    of optimizers (stepped together)."""
+    if optimizer not in ("muon", "adamw"):
+        raise ValueError(f"--optimizer must be one of muon, adamw, got {optimizer!r}")
+    matrices, others = [], []
+    for name, p in model.named_parameters():
+        is_gate = name.endswith(("a_proj.weight", "b_proj.weight"))
+        (matrices if name.startswith("blocks.") and p.dim() == 2 and not is_gate else others).append(p)
+    adamw_groups = [{"params": others, "lr": adamw_lr, "weight_decay": 0.0}]
+    if optimizer == "adamw":
+        adamw_groups.append({"params": matrices, "lr": learning_rate, "weight_decay": weight_decay})
+        return [torch.optim.AdamW(adamw_groups, betas=betas)]
+    muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    return [muon, torch.optim.AdamW(adamw_groups, betas=betas)]
+
+
 def compiled_for_training(model, mode="default", backend="inductor"):
     """--compile: a view of model (same parameters) whose process_window, one window's embedding, wake
     pass and N - 1 sleep passes, runs under torch.compile as one graph. That is the unit that repeats:
@@ -554,7 +573,7 @@ def train(cfg, task_overrides, log=print):
     if cfg.init_from and ckpt is None:
         load_weights(model, cfg.init_from)
     model = model.to(device)
-    optimizers = model.configure_optimizers(cfg.learning_rate, cfg.adamw_lr, cfg.weight_decay, optimizer=cfg.optimizer)
+    optimizers = configure_optimizers(model, cfg.learning_rate, cfg.adamw_lr, cfg.weight_decay, optimizer=cfg.optimizer)
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
@@ -598,7 +617,7 @@ def train(cfg, task_overrides, log=print):
                          f"--gradient_accumulation_steps={accumulation}")
     micro = cfg.batch_size // world_size // accumulation
     model_for_step = compiled_for_training(model, cfg.compile_mode) if cfg.compile else model
-    cuda_graphs = cfg.compile and "cudagraphs" not in cfg.compile_mode and cfg.compile_mode != "default"
+    cuda_graphs = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
     if world_size > 1:
         model_for_step = DDP(model_for_step, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
     # --ssm_warmup_iters: these parameters (everything outside the G blocks) get no update during the warm-up.
