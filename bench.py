@@ -474,6 +474,7 @@ def bench_compile(sizes, device, repeats, peak):
                     reason="skipped under --quick: compiling takes minutes")]
     rows = []
     for name, preset, n, B, model_settings, target in compile_cases(device, sizes):
+        torch._dynamo.reset()   # each case compiles afresh: no case runs into the recompile limit of another
         task, idx, targets, _ = preset_batch(name, preset, B, device)
         setting = (f"{name} {preset} preset, B={B} T={task.seq_len}, {model_settings['layers']} "
                    f"d={model_settings['n_embd']} N={n} training step")
@@ -544,25 +545,34 @@ def bench_compiled_rule(sizes, device, repeats):
                 f["compiled"] * 1e3, "ms", f["eager"] / f["compiled"], "eager / compiled")]
 
 def fla_yardstick(inputs, setting, ours, device, repeats):
-    """flash-linear-attention's Triton chunk_gated_delta_rule, forward, on the same inputs: a yardstick
-    for CUDA, not a dependency; a row only where it imports (PYTHONPATH=<a checkout of
-    fla-org/flash-linear-attention>, which also needs einops). ours: our compiled forward's seconds."""
+    """flash-linear-attention's Triton chunk_gated_delta_rule, forward, on the same inputs (in bf16 where
+    its kernel refuses float32): a yardstick for CUDA, not a dependency; a row only where it imports
+    (PYTHONPATH=<a checkout of fla-org/flash-linear-attention>, which needs einops). ours: our compiled
+    forward's seconds."""
+    if device.type != "cuda":
+        return []
+    name = "flash-linear-attention chunk_gated_delta_rule (yardstick)"
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except Exception as e:
-        return [] if device.type != "cuda" else [
-            row("compile", "flash-linear-attention chunk_gated_delta_rule (yardstick)", None, "ms",
-                reason=f"not importable here ({type(e).__name__})")]
-    q, k, v, g, beta = (x.detach() for x in inputs)
-
-    def fla():   # our q is scaled already: scale 1; states (B, H, Dk, Dv) as ours
-        return chunk_gated_delta_rule(q, k, v, g, beta, scale=1.0, output_final_state=True)
+        return [row("compile", name, None, "ms", reason=f"not importable here ({type(e).__name__})")]
     with torch.no_grad():
-        (o, s), (o_ref, s_ref) = fla(), gated_delta_rule(q, k, v, g, beta, chunk_size=64)
+        o_ref, s_ref = gated_delta_rule(*inputs, chunk_size=64)
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v, g, beta = (x.detach().to(dtype) for x in inputs)
+            try:   # our q is scaled already: scale 1; states (B, H, Dk, Dv) as ours
+                def fla():
+                    return chunk_gated_delta_rule(q, k, v, g, beta, scale=1.0, output_final_state=True)
+                o, s = fla()
+                break
+            except Exception as e:
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"
+        else:
+            return [row("compile", name, None, "ms", reason=error)]
         diff = max((o.float() - o_ref).abs().max().item(), (s.float() - s_ref).abs().max().item())
         t = median_times({"fla": fla}, device, repeats)["fla"]
-    return [row("compile", f"{setting}, forward only, flash-linear-attention's Triton kernel (yardstick; max abs "
-                f"diff to ours {diff:.1e})", t * 1e3, "ms", ours / t, "our compiled forward / fla", ("<=", 2))]
+    return [row("compile", f"{setting}, forward only, {name}, {str(dtype).replace('torch.', '')} (max abs diff to "
+                f"ours {diff:.1e})", t * 1e3, "ms", ours / t, "our compiled forward / fla", ("<=", 2))]
 
 # -----------------------------------------------------------------------------
 

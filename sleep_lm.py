@@ -666,7 +666,8 @@ class SleepCache:
         self.sleep_passes, self.window, self.eviction = model.resolve(sleep_passes, window, eviction)
         self.span = self.window if self.eviction != "none" else float("inf")
         self.compile_mode = compile_mode if self.eviction != "none" else None
-        if self.compile_mode:
+        if self.compile_mode:   # one graph per batch size and model; past the limit fullgraph would fail
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.compiled_step = torch.compile(self.wake_step, mode=compile_mode, fullgraph=True, dynamic=False)
         self.reset()
 

@@ -396,6 +396,25 @@ def test_compiled_model_matches_eager_loss_and_gradients():
                 assert_close(a, b, 1e-4, 1e-6, what=f"grad of {name}, {what}")
 
 
+def test_compiled_training_survives_more_kinds_of_window_than_torchs_default_recompile_limit():
+    # Each (window kind, N, grad mode) is a graph of its own; under fullgraph=True, passing torch's default
+    # limit of 8 would raise instead of falling back (--train_sleep_passes=1,2,4,8 --compile did).
+    model = tiny_model(dtype=torch.float32, layers="G")
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    fast = train.compiled_for_training(model, backend=counting_backend)
+    x = tokens(2, 16)                                    # a consolidation window, then a prediction window
+    y = torch.full_like(x, -1)
+    y[:, -3:] = x[:, -3:]
+    with torch.no_grad():
+        for N in range(1, 10):
+            assert_close(fast(x, y, sleep_passes=N)[1], model(x, y, sleep_passes=N)[1], 1e-6, 1e-6, what=f"N={N}")
+    assert len(graphs) > 8
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels and CUDA graphs need CUDA")
 @pytest.mark.parametrize("mode, precision", [("default", "bf16"), ("reduce-overhead", "float32")])
 def test_inductor_compiled_training_matches_eager_on_cuda(mode, precision):
@@ -1104,6 +1123,8 @@ def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tm
     (["--eval_interval=0"], "--eval_interval"), (["--sweep=1,2", "--train_sleep_passes=1,2"], "--train_sleep_passes"),
     (["--sleep_blocks=2"], "--sleep_blocks"), (["--num_workers=-2"], "--num_workers"), (["--parallel=0"], "--parallel"),
     (["--compile_mode=fast"], "--compile_mode must be one of default, reduce-overhead"),
+    (["--compile", "--compile_mode=reduce-overhead", "--gradient_accumulation_steps=2"], "CUDA graphs"),
+    (["--task=math", "--preset=paper", "--compile", "--compile_mode=reduce-overhead"], "without --checkpoint_windows"),
 ])
 def test_invalid_flags_are_refused_with_a_clear_message(argv, message):
     with pytest.raises(ValueError, match=message):

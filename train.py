@@ -271,7 +271,7 @@ def restore_run(cfg, overrides, given):
                          f"(start a new run in another --out_dir, or --init_from={cfg.out_dir} to start from its weights)")
     # the machine's settings come from this command line (its defaults if not given), the rest of
     # the run control from the checkpoint unless given
-    here = ("out_dir", "resume", "eval_only", "device", "num_workers", "compile", "parallel")
+    here = ("out_dir", "resume", "eval_only", "device", "num_workers", "compile", "compile_mode", "parallel")
     keep = {k: getattr(cfg, k) for k in may_change if k in given or k in here}
     cfg = dataclasses.replace(saved, **keep)
     if cfg.resume and cfg.max_iters < saved.max_iters:
@@ -309,6 +309,13 @@ def check_config(cfg):
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
+    if cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune") and (
+            cfg.gradient_accumulation_steps > 1 or cfg.checkpoint_windows):
+        # a CUDA-graph replay overwrites the previous one's outputs, gradients of earlier micro-steps and
+        # the forward that checkpointing replays in backward included (pytorch issues 96693, 169545)
+        raise ValueError(f"--compile_mode={cfg.compile_mode} (CUDA graphs) works with --gradient_accumulation_steps=1 "
+                         f"and without --checkpoint_windows; got {cfg.gradient_accumulation_steps} and "
+                         f"{cfg.checkpoint_windows}: use --compile_mode=default or max-autotune-no-cudagraphs")
     if cfg.num_workers < -1:
         raise ValueError(f"--num_workers must be -1 (auto), 0 (in the loop) or more, got {cfg.num_workers}")
     for name in ("sweep", "seeds", "eval_sleep_passes", "train_sleep_passes"):
@@ -448,6 +455,9 @@ def compiled_for_training(model, mode="default", backend="inductor"):
     one graph per kind of window (consolidation or prediction, per shape and N), reused by every window
     of its kind, so compiling does not grow with the number of windows. Evaluation keeps the eager model."""
     fast = copy.copy(model)   # shares the modules and parameters; only the attribute below differs
+    # each kind of window (first, later, prediction; each N) is a graph of its own, and with fullgraph
+    # going past the limit (8) is an error, not a fall-back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     fast.process_window = torch.compile(model.process_window, mode=mode, backend=backend, fullgraph=True,
                                         dynamic=False)
     return fast

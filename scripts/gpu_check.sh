@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 out=${1:-gpu_check}
 rm -rf "$out"
 mkdir -p "$out"
+runs=$(mktemp -d)   # the checkpoints: OUT holds only the logs
 export PYTHONUNBUFFERED=1
 extra=${EXTRA:-}
 run() {  # run NAME SECONDS COMMAND...: log to OUT/NAME.log, print its last lines
@@ -30,11 +31,11 @@ steps="--max_iters=10 --log_interval=5 --eval_interval=10 --eval_examples=64 --w
 for task in rule110 depo math; do
   for n in 1 4; do
     run "${task}_N$n" $([ $task = math ] && echo 60 || echo 35) python3 train.py --task=$task --preset=paper \
-        --sleep_passes=$n $steps --out_dir="$out/runs/${task}_N$n" $extra
+        --sleep_passes=$n $steps --out_dir="$runs/${task}_N$n" $extra
   done
 done
 run resume 30 python3 train.py --task=rule110 --preset=paper --sleep_passes=1 $steps $extra --resume \
-    --max_iters=20 --out_dir="$out/runs/rule110_N1"
+    --max_iters=20 --out_dir="$runs/rule110_N1"
 run torchrun 35 torchrun --standalone --nproc_per_node=1 train.py --task=depo --preset=paper --sleep_passes=4 \
-    $steps --out_dir="$out/runs/depo_N4_torchrun" $extra
-echo "logs in $out/"
+    $steps --out_dir="$runs/depo_N4_torchrun" $extra
+echo "logs in $out/, checkpoints in $runs/"
