@@ -272,8 +272,8 @@ class Rule110(Task):
     level_name = "t"
     presets = {
         "paper": dict(states=4, width=24, t_min=32, t_max=32, levels=(32,)),
-        # gpu: the paper's layout (4 states of 24 cells, L = 24) at the cpu preset's rollouts and beyond.
-        "gpu": dict(states=4, width=24, t_min=1, t_max=12, levels=(2, 4, 6, 8, 12)),
+        # gpu: the paper's layout (4 states of 24 cells, L = 24) at the cpu preset's rollouts.
+        "gpu": dict(states=4, width=24, t_min=1, t_max=8, levels=(2, 4, 6, 8)),
         # W=12 is too small: 4096 states can be memorised as a lookup table.
         "cpu": dict(states=1, width=16, t_min=1, t_max=8, levels=(2, 4, 6, 8)),
     }

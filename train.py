@@ -667,7 +667,7 @@ def train(cfg, task_overrides, log=print):
             for p in frozen:
                 p.grad = None                                         # optimizers skip parameters without grad
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        loss_value, grad_norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()   # one device sync per step
+        loss_value, grad_norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()   # one device sync for both checks
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(f"loss is {loss_value} at step {step}: training stopped before the update. The "
                                 f"last good checkpoint (if any) is {ckpt_path}; try a lower learning rate or more warm-up.")
