@@ -811,7 +811,9 @@ def plot(task, runs, path, log):
     ax.set_xticks(list(task.levels))
     ax.set_xlabel(task.level_name)
     ax.set_ylabel(f"accuracy ({task.metric})")
-    ax.set_title(f"{task.name} ({task.preset} preset)")
+    changed = {k: v for k, v in task.params.items() if make_task(task.name, preset=task.preset).params[k] != v}
+    ax.set_title(f"{task.name} ({task.preset} preset{', ' if changed else ''}"
+                 f"{' '.join(f'{k}={flag_text(v)}' for k, v in changed.items())})", fontsize=9 if changed else None)
     ax.set_ylim(0, 1.02)
     ax.legend()
     fig.tight_layout()
