@@ -55,7 +55,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import PAPER_BATCH_SIZE, make_task
-from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
+from sleep_lm import CUDA_GRAPH_MODES, SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
 from train import PRESETS, autocast, compiled_for_training, configure_optimizers
 
 # Width, batch sizes and optimizer of train.py's PRESETS[(task, "cpu")], with the paper's 4-layer AGAG
@@ -489,7 +489,7 @@ def bench_compile(sizes, device, repeats, peak):
             model = make_model()
             try:
                 step = training_step(model, idx, targets, forward=compiled_for_training(model, mode),
-                                     cuda_graphs=mode == "reduce-overhead")
+                                     cuda_graphs=mode in CUDA_GRAPH_MODES)
                 sync(device)
                 t0 = time.perf_counter()
                 step()

@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
 EVICTIONS = ("hard", "sliding", "none")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the torch.compile modes that replay CUDA graphs
 LAYER_KINDS = {"A": "causal attention", "G": "Gated DeltaNet"}
 
 # -----------------------------------------------------------------------------
@@ -702,7 +703,7 @@ class SleepCache:
             raise ValueError(f"wake got {idx.shape[1]} tokens but only {self.window - self.window_length()} fit in the window")
         pos = torch.arange(self.pos, self.pos + idx.shape[1], device=idx.device)
         if self.compile_mode and idx.shape[1] == 1:
-            if self.compile_mode in ("reduce-overhead", "max-autotune"):   # CUDA graphs: a new step, and clones,
+            if self.compile_mode in CUDA_GRAPH_MODES:   # CUDA graphs: a new step, and clones,
                 torch.compiler.cudagraph_mark_step_begin()                  # since the next replay overwrites outputs
             result = tree_map(lambda x: x.clone() if torch.is_tensor(x) else x,
                               self.compiled_step(idx, pos, self.context, self.S))

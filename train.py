@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import make_task
-from sleep_lm import SleepLM, SleepLMConfig
+from sleep_lm import CUDA_GRAPH_MODES, SleepLM, SleepLMConfig
 
 
 @dataclass
@@ -309,7 +309,7 @@ def check_config(cfg):
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
-    if cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune") and (
+    if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and (
             cfg.gradient_accumulation_steps > 1 or cfg.checkpoint_windows):
         # a CUDA-graph replay overwrites the previous one's outputs, gradients of earlier micro-steps and
         # the forward that checkpointing replays in backward included (pytorch issues 96693, 169545)
@@ -627,7 +627,7 @@ def train(cfg, task_overrides, log=print):
                          f"--gradient_accumulation_steps={accumulation}")
     micro = cfg.batch_size // world_size // accumulation
     model_for_step = compiled_for_training(model, cfg.compile_mode) if cfg.compile else model
-    cuda_graphs = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+    cuda_graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES
     if world_size > 1:
         model_for_step = DDP(model_for_step, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
     # --ssm_warmup_iters: these parameters (everything outside the G blocks) get no update during the warm-up.
