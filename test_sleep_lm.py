@@ -370,11 +370,12 @@ def test_compiled_model_matches_eager_loss_and_gradients():
     # train.py --compile compiles each window (process_window) with fullgraph=True, and the whole window
     # loop (run_windows) must compile as one graph too: fullgraph fails on any graph break, which would
     # cost a device sync per window on CUDA and split its CUDA graphs. forward adds only the eager
-    # checks (plan_windows) in front of the loop.
+    # checks (plan_windows) in front of the loop. The loop's graph runs on dynamo's "eager" backend:
+    # a graph break fails there just as well, in half the time of the test.
     model = tiny_model(dtype=torch.float32, layers="AG", gdn_chunk_size=8)
     compiled = train.compiled_for_training(model, backend="aot_eager_decomp_partition")
     assert "process_window" not in vars(model), "the model itself stays eager (evaluation uses it)"
-    loop = torch.compile(model.run_windows, backend="aot_eager_decomp_partition", fullgraph=True)
+    loop = torch.compile(model.run_windows, backend="eager", fullgraph=True)
     x = tokens(2, 16)                                    # a consolidation window, then a prediction window
     y = torch.full_like(x, -1)
     y[:, -3:] = x[:, -3:]
