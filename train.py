@@ -117,7 +117,7 @@ PRESETS = {
     ("depo", "cpu"): dict(n_embd=64, n_head=2, layers="AG", batch_size=64, max_iters=3000, eval_interval=500),
     ("math", "cpu"): dict(n_embd=64, n_head=2, layers="AG", batch_size=64, max_iters=3000, eval_interval=500),
     # One GPU, minutes: the paper's layouts (data.py's gpu presets) with a 4-layer AGAG model, d = 128,
-    # head size 64, for the N = 1 / 2 / 4 sweeps of the README's "Results on one GPU". Rule 110 and Depo.
+    # head size 64, for the N = 1 / 2 / 4 sweeps of scripts/gpu_sweep.sh (README, "Running on a GPU"). Rule 110 and Depo.
     ("rule110", "gpu"): dict(n_embd=128, n_head=2, batch_size=256, max_iters=3000, eval_interval=500,
                              eval_examples=1024),
     ("depo", "gpu"): dict(n_embd=128, n_head=2, batch_size=128, max_iters=3000, eval_interval=500,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU sweep of one task's gpu preset (README, "Results on one GPU"): N = 1, 2, 4 x seeds 0, 1, 2,
+# The GPU sweep of one task's gpu preset (README, "Running on a GPU"): N = 1, 2, 4 x seeds 0, 1, 2,
 # all nine runs side by side on one GPU (--parallel=9), after N = 1 and N = 4 alone on the GPU for 60
 # steps (their ms/step against the side-by-side runs' gives the speed-up of running side by side).
 # Writes to OUT (default gpu_sweep_TASK/): solo_N1.log, solo_N4.log, sweep.log, results.md/.json/.png
