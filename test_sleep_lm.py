@@ -423,11 +423,12 @@ def test_compiled_training_survives_more_kinds_of_window_than_torchs_default_rec
 @pytest.mark.parametrize("mode, precision", [("default", "bf16"), ("reduce-overhead", "float32")])
 def test_inductor_compiled_training_matches_eager_on_cuda(mode, precision):
     # train.py --compile --compile_mode=MODE on the GPU: real inductor kernels (and, for reduce-overhead,
-    # CUDA graphs, replayed on a second batch: stale inputs would show there).
+    # CUDA graphs: the first call warms up, the second records, the third replays on new inputs, where
+    # stale inputs would show).
     model = tiny_model(dtype=torch.float32, device="cuda", layers="AG", window=8)
     compiled = train.compiled_for_training(model, mode)
     rtol, atol = TOLERANCE[precision]["model"]
-    for batch in range(2):
+    for batch in range(3):
         x = tokens(4, 24, seed=batch).cuda()                 # two consolidation windows, then a prediction window
         y = torch.full_like(x, -1)
         y[:, -3:] = x[:, -3:]
@@ -1050,23 +1051,23 @@ def test_resume_gives_bitwise_the_same_next_losses(tmp_path, monkeypatch, device
     uninterrupted = train.train(cfg, overrides, log=lambda *a: None)["losses"]
 
     cfg, overrides = smoke_config(tmp_path / "b", "--max_iters=6", "--eval_interval=3", f"--device={device}")
-    task_class = type(train.make_task(cfg.task))
-    real_batch = task_class.train_batch
+    real_multiplier = train.lr_multiplier
 
-    def preempted(self, batch_size, step, **kwargs):     # the job dies after the step-3 checkpoint
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_batch(self, batch_size, step, **kwargs)
+    def preempted(step, cfg):                            # the job dies after the step-3 checkpoint (in the
+        if step == 4:                                    # training loop's own process: on CUDA the batches
+            raise KeyboardInterrupt                      # come from worker processes)
+        return real_multiplier(step, cfg)
 
-    monkeypatch.setattr(task_class, "train_batch", preempted)
+    monkeypatch.setattr(train, "lr_multiplier", preempted)
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg, overrides, log=lambda *a: None)
-    monkeypatch.setattr(task_class, "train_batch", real_batch)
+    monkeypatch.setattr(train, "lr_multiplier", real_multiplier)
     resumed = train.train(dataclasses.replace(cfg, resume=True), overrides, log=lambda *a: None)["losses"]
     if device == "cpu":
         assert resumed == uninterrupted                  # float equality: bitwise the same run
-    else:                                                # CUDA kernels may reduce in another order
-        assert_close(torch.tensor(resumed), torch.tensor(uninterrupted), rtol=1e-5, what="resumed losses")
+    else:   # CUDA kernels may reduce in another order and bf16 rounding magnify it; other batches or a
+            # lost RNG state would move the losses by 1e-2 and more
+        assert_close(torch.tensor(resumed), torch.tensor(uninterrupted), rtol=1e-4, what="resumed losses")
 
 
 @pytest.mark.parametrize("device", DEVICES)
