@@ -1,12 +1,16 @@
 """Tests for sleep-lm. CPU, seconds. Run: python -m pytest -q test_sleep_lm.py"""
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1025,7 +1029,7 @@ def test_cli_prints_examples(capsys):
 
 # The exactness tests run on the CPU; the ones parametrized over DEVICES also on CUDA when it is there.
 SMOKE = ["--n_embd=16", "--n_head=2", "--batch_size=4", "--max_iters=4", "--eval_interval=2", "--log_interval=2",
-         "--eval_examples=8", "--warmup_iters=2", "--sleep_passes=2", "--device=cpu"]
+         "--eval_examples=8", "--warmup_iters=2", "--sleep_passes=2", "--device=cpu", "--parallel=1"]
 
 
 def smoke_config(tmp_path, *extra):
@@ -1099,8 +1103,108 @@ def test_a_parallel_sweep_trains_its_runs_side_by_side_as_the_sequential_one_doe
         assert (a["sleep_passes"], a["steps"], a["final"]) == (b["sleep_passes"], b["steps"], b["final"])
         losses = [torch.load(d / f"N{a['sleep_passes']}_seed0" / "ckpt.pt", weights_only=False)["losses"]
                   for d in (tmp_path / "seq", tmp_path / "par")]
-        assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, what="losses")
-    assert "max_hops = 1" in (tmp_path / "par" / "N2_seed0" / "train.log").read_text()
+        assert losses[1] == losses[0]                   # bitwise: one thread per process either way
+    assert "max_hops=1" in (tmp_path / "par" / "N2_seed0" / "train.log").read_text()
+    # the runs' own step lines come through, labelled, with an estimate for the whole sweep
+    assert any(re.match(r"\[run 2/2 N=2 seed=0\] step 4/4 .*\| sweep eta [\d.]+ min$", line) for line in lines)
+    assert lines[-1].startswith("checkpoints: ") and str(tmp_path / "par" / "N2_seed0" / "ckpt.pt") in lines[-1]
+    auto = dataclasses.replace(cfg, parallel=0)                # by default one run per core on the CPU
+    assert train.sweep_parallel(auto, 2) == min(2, os.cpu_count()) and train.sweep_parallel(auto, 1) == 1
+
+
+def train_process(*argv, text=True):
+    """`python train.py ARGV` as a user runs it (no PYTHONUNBUFFERED), its output in a pipe."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.Popen([sys.executable, str(HERE / "train.py"), *argv], cwd=HERE, env=env, text=text,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def read_until(process, pattern):
+    """The process's output lines up to the first that matches pattern (fails if it ends first)."""
+    lines = []
+    while not (lines and re.search(pattern, lines[-1])):
+        line = process.stdout.readline()
+        assert line, f"ended before a line matched {pattern!r}:\n" + "".join(lines)
+        lines.append(line)
+    return lines
+
+
+def saved_step(run_dir):
+    return torch.load(run_dir / "ckpt.pt", weights_only=False)["step"] if (run_dir / "ckpt.pt").exists() else 0
+
+
+def test_log_lines_reach_a_pipe_as_they_are_printed(tmp_path):
+    process = train_process(*SMOKE, f"--out_dir={tmp_path}", "--max_iters=100000", "--log_interval=1",
+                            "--eval_interval=1", text=False)
+    pipe, text = process.stdout.fileno(), b""
+    try:
+        while not re.search(rb"^step 3/", text, re.M):
+            chunk = os.read(pipe, 1 << 16)
+            assert chunk, text.decode()
+            text += chunk
+        last_seen = max(int(n) for n in re.findall(rb"^step (\d+)/", text, re.M))
+        while saved_step(tmp_path) < last_seen + 2:      # two steps more, written nowhere yet but the pipe
+            time.sleep(0.05)
+        process.send_signal(signal.SIGSTOP)             # frozen: what it printed so far must be in the pipe
+        step = saved_step(tmp_path)                     # written after that step's lines
+        os.set_blocking(pipe, False)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(pipe, 1 << 16):
+                text += chunk
+        text = text.decode()
+        assert step >= 2 and re.search(rf"^step {step}/", text, re.M) and f"\neval step {step} N=2 " in text
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path):
+    process = train_process(*SMOKE, f"--out_dir={tmp_path}", "--max_iters=100000", "--log_interval=1")
+    read_until(process, r"^step 2/")
+    process.send_signal(signal.SIGINT)
+    out = process.communicate(timeout=120)[0]
+    last = out.strip().splitlines()[-1]
+    assert process.returncode == 130 and "Traceback" not in out
+    step = torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"]
+    assert last.startswith(f"stopped at step {step}/100000; saved {tmp_path / 'ckpt.pt'}. To continue: python train.py")
+    command = shlex.split(last.split("To continue: ")[1])
+    assert command[-1] == "--resume"
+    resumed = train_process(*command[2:])               # the printed command, run as printed
+    first = read_until(resumed, r"^step \d+/")[-1]
+    resumed.send_signal(signal.SIGINT)
+    resumed.communicate(timeout=120)
+    assert first.startswith(f"step {step + 1}/100000") and resumed.returncode == 130
+
+
+def test_ctrl_c_stops_a_side_by_side_sweep_with_a_checkpoint_per_run(tmp_path):
+    argv = [*SMOKE, f"--out_dir={tmp_path}", "--max_iters=100000", "--log_interval=1", "--sweep=1,2", "--parallel=2"]
+    process = train_process(*argv)
+    read_until(process, r"^\[run 1/2 .*\] step ")
+    read_until(process, r"^\[run 2/2 .*\] step ")
+    process.send_signal(signal.SIGINT)
+    out = process.communicate(timeout=120)[0]
+    assert process.returncode == 130 and "Traceback" not in out
+    assert out.strip().splitlines()[-1].endswith(f"To continue: python train.py {shlex.join(argv)}")
+    for n in (1, 2):
+        assert torch.load(tmp_path / f"N{n}_seed0" / "ckpt.pt", weights_only=False)["step"] >= 1
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_a_device_this_torch_lacks_is_a_one_line_error(device, capsys):
+    if (device == "cuda" and torch.cuda.is_available()) or (device == "mps" and torch.backends.mps.is_available()):
+        pytest.skip(f"this machine has {device}")
+    with pytest.raises(SystemExit) as stop:
+        train.main([f"--device={device}"])
+    message = str(stop.value.code)
+    assert message.startswith(f"error: --device={device}: this torch") and "\n" not in message
+    assert capsys.readouterr().out == ""                 # refused before anything is printed
+
+
+def test_an_unknown_flag_suggests_the_nearest_setting():
+    with pytest.raises(ValueError, match="unknown setting --sleep_pases: did you mean --sleep_passes"):
+        train.parse_args(["--sleep_pases=2"])
+    with pytest.raises(ValueError, match="unknown setting --t_maxx: did you mean --t_max"):   # a task parameter
+        train.parse_args(["--t_maxx=6"])
 
 
 def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -1126,7 +1230,7 @@ def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tm
     (["--task=chess"], "--task"), (["--preset=huge"], "--preset"), (["--learning_rate=fast"], "--learning_rate"),
     (["--no_such_key=1"], "unknown setting --no_such_key"), (["--compile=maybe"], "--compile"), (["max_iters=3"], "--key=value"),
     (["--eval_interval=0"], "--eval_interval"), (["--sweep=1,2", "--train_sleep_passes=1,2"], "--train_sleep_passes"),
-    (["--sleep_blocks=2"], "--sleep_blocks"), (["--num_workers=-2"], "--num_workers"), (["--parallel=0"], "--parallel"),
+    (["--sleep_blocks=2"], "--sleep_blocks"), (["--num_workers=-2"], "--num_workers"), (["--parallel=-1"], "--parallel"), (["--threads=-1"], "--threads"),
     (["--compile_mode=fast"], "--compile_mode must be one of default, reduce-overhead"),
     (["--compile", "--compile_mode=reduce-overhead", "--gradient_accumulation_steps=2"], "CUDA graphs"),
     (["--task=math", "--preset=paper", "--compile", "--compile_mode=reduce-overhead"], "without --checkpoint_windows"),

@@ -32,15 +32,19 @@ update only up to float rounding.
 
 import copy
 import dataclasses
+import difflib
 import inspect
 import json
 import math
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -95,8 +99,9 @@ class TrainConfig:
     resume: bool = False             # continue the run in out_dir with the checkpoint's settings
     sweep: str = ""                  # comma list of N: one model per N (and seed), then a results table
     seeds: str = ""                  # comma list of seeds for --sweep; "" = just --seed
-    parallel: int = 1                # --sweep: train up to this many runs at once, each its own process (side by side on one GPU)
+    parallel: int = 0                # --sweep: runs trained at once, each its own process; 0 = one per CPU core (GPU: 1)
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda or mps
+    threads: int = 0                 # CPU threads per training process; 0 = 1 (more stall when other work holds the cores)
     compile: bool = False            # torch.compile the model for training (its window loop is one graph)
     compile_mode: str = "default"    # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs
     num_workers: int = -1            # processes that make batches ahead of the step; 0 = in the loop; -1 = 4 on CUDA, else 0
@@ -104,8 +109,8 @@ class TrainConfig:
 
 # Settings that say how to run, not what is trained: they stay out of run names, and --resume or
 # --eval_only may change them (and max_iters, upwards, to extend a run).
-RUN_CONTROL = ("out_dir", "resume", "eval_only", "sweep", "seeds", "parallel", "device", "compile", "compile_mode", "num_workers",
-               "gradient_accumulation_steps", "eval_interval", "eval_examples", "eval_batch_size",
+RUN_CONTROL = ("out_dir", "resume", "eval_only", "sweep", "seeds", "parallel", "device", "threads", "compile",
+               "compile_mode", "num_workers", "gradient_accumulation_steps", "eval_interval", "eval_examples", "eval_batch_size",
                "eval_sleep_passes", "log_interval")
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -183,8 +188,10 @@ def parse_args(argv):
         elif key in task_params:
             overrides[key] = _convert(key, value, task_params[key])
         else:
-            raise ValueError(f"unknown setting --{key} (python train.py --help lists them); settings: "
-                             f"{', '.join(settings)}; parameters of task {settings['task']}: {', '.join(task_params)}")
+            known = [*settings, *task_params]
+            near = difflib.get_close_matches(key, known, n=1)
+            raise ValueError(f"unknown setting --{key}: " + (f"did you mean --{near[0]}? (" if near else "(")
+                             + "python train.py --help lists every setting and task parameter)")
     cfg = TrainConfig(**settings)
     check_config(cfg)
     cfg = dataclasses.replace(cfg, sleep_passes=effective_sleep_passes(cfg, "sleep_passes" in pairs))
@@ -217,16 +224,19 @@ def effective_sleep_passes(cfg, explicit):
     return 1 if nothing_sleeps(cfg) else n
 
 
+def changed_settings(cfg, task_overrides, skip=()):
+    """[(key, value)] of every setting, then every task parameter, that differs from the preset's."""
+    defaults = preset_settings(cfg.task, cfg.preset)
+    task_defaults = make_task(cfg.task, preset=cfg.preset).params
+    changed = [(k, v) for k, v in dataclasses.asdict(cfg).items() if k not in skip and v != defaults[k]]
+    return changed + sorted((k, v) for k, v in task_overrides.items() if v != task_defaults[k])
+
+
 def run_name(cfg, task_overrides, sweep=False):
     """N4_seed0 (a sweep: "sweep"), then every training setting that differs from the preset's, e.g.
     N1_seed0_layers=AA_max_iters=13000: runs with different settings never share a folder."""
-    defaults = preset_settings(cfg.task, cfg.preset)
-    skip = {"task", "preset", "sleep_passes", "seed", *RUN_CONTROL}
-    extra = [(k, v) for k, v in dataclasses.asdict(cfg).items() if k not in skip and v != defaults[k]]
-    task_defaults = make_task(cfg.task, preset=cfg.preset).params
-    task_overrides = {k: v for k, v in task_overrides.items() if v != task_defaults[k]}
-    text = "_".join(f"{k}={flag_text(v)}"
-                    for k, v in extra + sorted(task_overrides.items()))
+    changed = changed_settings(cfg, task_overrides, skip={"task", "preset", "sleep_passes", "seed", *RUN_CONTROL})
+    text = "_".join(f"{k}={flag_text(v)}" for k, v in changed)
     head = "sweep" if sweep else f"N{cfg.sleep_passes}_seed{cfg.seed}"
     return re.sub(r"[^\w=,.+-]", "-", f"{head}_{text}" if text else head)
 
@@ -254,6 +264,24 @@ def saved_config(ckpt):
     return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
 
 
+def saved_model_config(ckpt):
+    """The SleepLMConfig a checkpoint was written with (fields added since take their defaults)."""
+    return SleepLMConfig(**{f.name: ckpt["model_config"].get(f.name, f.default)
+                            for f in dataclasses.fields(SleepLMConfig)})
+
+
+def load_run(out_dir, device="cpu"):
+    """A trained run in one call: (its model in eval mode, its task with the run's parameters).
+
+        model, task = load_run("out/rule110-cpu/sweep/N4_seed0")
+    """
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    model = SleepLM(saved_model_config(ckpt))
+    model.load_state_dict(ckpt["model"])
+    task = make_task(ckpt["config"]["task"], preset=ckpt["config"]["preset"], **ckpt["task"])
+    return model.to(device).eval(), task
+
+
 def restore_run(cfg, overrides, given):
     """--resume / --eval_only continue the run saved in cfg.out_dir with the checkpoint's own settings.
     Only run-control flags (RUN_CONTROL) and a larger --max_iters may change; any other flag given on
@@ -271,7 +299,7 @@ def restore_run(cfg, overrides, given):
                          f"(start a new run in another --out_dir, or --init_from={cfg.out_dir} to start from its weights)")
     # the machine's settings come from this command line (its defaults if not given), the rest of
     # the run control from the checkpoint unless given
-    here = ("out_dir", "resume", "eval_only", "device", "num_workers", "compile", "compile_mode", "parallel")
+    here = ("out_dir", "resume", "eval_only", "device", "threads", "num_workers", "compile", "compile_mode", "parallel")
     keep = {k: getattr(cfg, k) for k in may_change if k in given or k in here}
     cfg = dataclasses.replace(saved, **keep)
     if cfg.resume and cfg.max_iters < saved.max_iters:
@@ -301,10 +329,10 @@ def help_text(argv):
 def check_config(cfg):
     """Refuse settings that would only fail later (or silently do the wrong thing)."""
     for name in ("batch_size", "max_iters", "eval_interval", "log_interval", "eval_examples", "eval_batch_size",
-                 "layer_repeat", "n_embd", "n_head", "gradient_accumulation_steps", "parallel"):
+                 "layer_repeat", "n_embd", "n_head", "gradient_accumulation_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("warmup_iters", "curriculum_iters", "ssm_warmup_iters", "bptt_passes", "seed"):
+    for name in ("warmup_iters", "curriculum_iters", "ssm_warmup_iters", "bptt_passes", "seed", "parallel", "threads"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.compile_mode not in COMPILE_MODES:
@@ -356,6 +384,12 @@ def pick_device(name):
         return "mps" if torch.backends.mps.is_available() else "cpu"
     if name not in ("cpu", "cuda", "mps"):
         raise ValueError(f"--device must be auto, cpu, cuda or mps, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        why = "was built without CUDA" if torch.version.cuda is None else "finds no CUDA GPU"
+        raise ValueError(f"--device=cuda: this torch ({torch.__version__}) {why}; use --device=auto or --device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device=mps: this torch ({torch.__version__}) finds no Apple GPU (MPS); "
+                         f"use --device=auto or --device=cpu")
     return name
 
 
@@ -497,6 +531,36 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C after saving a checkpoint (main prints how to continue)."""
+
+
+class StopRequest:
+    """The SIGINT (Ctrl-C) handler while training: the first asks the loop to stop after the current
+    step and save a checkpoint; a second stops at once, without saving."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+@contextmanager
+def stop_on_ctrl_c():
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():   # signal handlers live in the main thread
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class StepBatches(torch.utils.data.Dataset):
     """Item `step` is this process's slice of that step's training batch, plus the number of answer
     tokens in the whole batch (it weights each micro-batch's mean loss). A pure function of
@@ -525,8 +589,9 @@ def step_batches(dataset, start, num_workers, pin_memory):
 
 
 def one_thread(worker_id):
-    """A batch worker's torch threads: one (the workers run side by side)."""
+    """A batch worker's torch threads: one (the workers run side by side). Ctrl-C is the training loop's."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def distributed(device):
@@ -546,14 +611,17 @@ def distributed(device):
 # Training.
 
 
-def train(cfg, task_overrides, log=print):
-    """Train one model; returns a dict with the config, per-step losses, eval history and final eval."""
+def train(cfg, task_overrides, log=print, later_steps=None):
+    """Train one model; returns a dict with the config, per-step losses, eval history and final eval.
+    In a sweep, later_steps is the work of the runs still to come, in steps of this run (for the eta).
+    Ctrl-C stops after the current step, saves a checkpoint and raises Interrupted."""
     rank, world_size, device = distributed(pick_device(cfg.device))
     device_type = torch.device(device).type
     if rank != 0:
         log = lambda *a: None            # noqa: E731 (only rank 0 logs, evaluates and checkpoints)
     if device_type == "cpu":
         torch.set_flush_denormal(True)   # exp-decay products go denormal; they made a step ~20x slower
+        torch.set_num_threads(cfg.threads or 1)   # torch's one per core: 25x slower steps when the cores are busy
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = None
     if cfg.resume or cfg.eval_only:
@@ -573,11 +641,11 @@ def train(cfg, task_overrides, log=print):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, task)
     if ckpt is not None:
-        # a checkpoint from before a field existed was written with that field's default
-        saved_model = {f.name: ckpt["model_config"].get(f.name, f.default) for f in dataclasses.fields(SleepLMConfig)}
+        saved_model = dataclasses.asdict(saved_model_config(ckpt))
         differ = {k: (v, saved_model[k]) for k, v in dataclasses.asdict(model.config).items() if v != saved_model[k]}
         if differ and cfg.resume:
-            raise ValueError(f"--resume with model settings that differ from the checkpoint's (flag, checkpoint): {differ}")
+            raise ValueError(f"--resume with model settings that differ from the checkpoint's (flag, checkpoint): "
+                             f"{differ}")
         if differ:
             model = SleepLM(SleepLMConfig(**saved_model))          # --eval_only: the checkpoint's model
     if cfg.init_from and ckpt is None:
@@ -637,64 +705,78 @@ def train(cfg, task_overrides, log=print):
     batches = step_batches(StepBatches(task, cfg, rank, world_size), step, workers, pin_memory=device_type == "cuda")
     tokens_per_step = cfg.batch_size * task.seq_len
     logged_step, logged_elapsed = step, elapsed
-    while step < cfg.max_iters:
-        mult = lr_multiplier(step, cfg)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["peak_lr"] * mult
-        warming_up = step < cfg.ssm_warmup_iters
-        t0 = time.time()
-        idx, targets, batch_answers = next(batches)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for m in range(accumulation):
-            x = idx[m * micro:(m + 1) * micro].to(device, non_blocking=True)
-            y = targets[m * micro:(m + 1) * micro].to(device, non_blocking=True)
-            share = int((targets[m * micro:(m + 1) * micro] >= 0).sum()) / batch_answers   # of the global batch's answers
-            sync = m == accumulation - 1 or world_size == 1          # DDP all-reduces gradients on the last micro-step
-            if cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()            # a new forward: earlier outputs are consumed
-            with nullcontext() if sync else model_for_step.no_sync():
-                with autocast(device):
-                    _, loss = model_for_step(x, y, sleep_passes=step_sleep_passes(step, cfg, sleep_choices),
-                                             eviction="hard" if warming_up else None)
-                (loss * share * world_size).backward()               # DDP averages over processes
-            loss_sum += loss.detach() * share
-        if world_size > 1:
-            dist.all_reduce(loss_sum)                                 # the loss of the whole global batch
-        if warming_up:
-            for p in frozen:
-                p.grad = None                                         # optimizers skip parameters without grad
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        loss_value, grad_norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()   # one device sync for both checks
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(f"loss is {loss_value} at step {step}: training stopped before the update. The "
-                                f"last good checkpoint (if any) is {ckpt_path}; try a lower learning rate or more warm-up.")
-        if not math.isfinite(grad_norm_value):
-            raise NonFiniteLoss(f"gradient norm is {grad_norm_value} at step {step}: training stopped before the "
-                                f"update. The last good checkpoint (if any) is {ckpt_path}.")
-        for opt in optimizers:
-            opt.step()
-        losses.append(loss_value)
-        step += 1
-        elapsed += time.time() - t0
-        if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            ms = (elapsed - logged_elapsed) * 1000 / (step - logged_step)
-            logged_step, logged_elapsed = step, elapsed
-            eta = (cfg.max_iters - step) * elapsed / step
-            memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device_type == "cuda" else ""
-            log(f"step {step}/{cfg.max_iters} ({100 * step / cfg.max_iters:.0f}%) | loss {losses[-1]:.4f} "
-                f"| grad norm {grad_norm_value:.4g} | lr {optimizers[0].param_groups[0]['lr']:.2e} | {ms:.0f} ms/step "
-                f"| {tokens_per_step * 1000 / ms:,.0f} tok/s{memory} | eta {eta / 60:.1f} min")
-        if rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
-            evals = run_eval()
-            history.append(dict(step=step, elapsed=elapsed, eval={str(n): r for n, r in evals.items()}))
-            save_checkpoint(ckpt_path, model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
-                            config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(model.config),
-                            task=task.params, step=step, history=history, losses=losses, elapsed=elapsed,
-                            rng_state=torch.get_rng_state(),
-                            cuda_rng_state=torch.cuda.get_rng_state() if device_type == "cuda" else None)
+
+    def save():
+        save_checkpoint(ckpt_path, model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                        config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(model.config),
+                        task=task.params, step=step, history=history, losses=losses, elapsed=elapsed,
+                        rng_state=torch.get_rng_state(),
+                        cuda_rng_state=torch.cuda.get_rng_state() if device_type == "cuda" else None)
+
+    with stop_on_ctrl_c() if world_size == 1 else nullcontext(StopRequest()) as stop:
+        while step < cfg.max_iters:
+            mult = lr_multiplier(step, cfg)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["peak_lr"] * mult
+            warming_up = step < cfg.ssm_warmup_iters
+            t0 = time.time()
+            idx, targets, batch_answers = next(batches)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=device)
+            for m in range(accumulation):
+                x = idx[m * micro:(m + 1) * micro].to(device, non_blocking=True)
+                y = targets[m * micro:(m + 1) * micro].to(device, non_blocking=True)
+                share = int((targets[m * micro:(m + 1) * micro] >= 0).sum()) / batch_answers   # of the global batch's answers
+                sync = m == accumulation - 1 or world_size == 1          # DDP all-reduces gradients on the last micro-step
+                if cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()            # a new forward: earlier outputs are consumed
+                with nullcontext() if sync else model_for_step.no_sync():
+                    with autocast(device):
+                        _, loss = model_for_step(x, y, sleep_passes=step_sleep_passes(step, cfg, sleep_choices),
+                                                 eviction="hard" if warming_up else None)
+                    (loss * share * world_size).backward()               # DDP averages over processes
+                loss_sum += loss.detach() * share
+            if world_size > 1:
+                dist.all_reduce(loss_sum)                                 # the loss of the whole global batch
+            if warming_up:
+                for p in frozen:
+                    p.grad = None                                         # optimizers skip parameters without grad
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            loss_value, grad_norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()   # one device sync for both checks
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(f"loss is {loss_value} at step {step}: training stopped before the update. The "
+                                    f"last good checkpoint (if any) is {ckpt_path}; try a lower learning rate or more warm-up.")
+            if not math.isfinite(grad_norm_value):
+                raise NonFiniteLoss(f"gradient norm is {grad_norm_value} at step {step}: training stopped before the "
+                                    f"update. The last good checkpoint (if any) is {ckpt_path}.")
+            for opt in optimizers:
+                opt.step()
+            losses.append(loss_value)
+            step += 1
+            elapsed += time.time() - t0
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                ms = (elapsed - logged_elapsed) * 1000 / (step - logged_step)
+                logged_step, logged_elapsed = step, elapsed
+                eta = (cfg.max_iters - step) * elapsed / step
+                if later_steps is not None:
+                    eta = f"{eta / 60:.1f} min | sweep eta {(eta + later_steps * elapsed / step) / 60:.1f} min"
+                else:
+                    eta = f"{eta / 60:.1f} min"
+                memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device_type == "cuda" else ""
+                log(f"step {step}/{cfg.max_iters} ({100 * step / cfg.max_iters:.0f}%) | loss {losses[-1]:.4f} "
+                    f"| grad norm {grad_norm_value:.4g} | lr {optimizers[0].param_groups[0]['lr']:.2e} "
+                    f"| {ms:.0f} ms/step | {tokens_per_step * 1000 / ms:,.0f} tok/s{memory} | eta {eta}")
+            evaluated = rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_iters)
+            if evaluated:
+                evals = run_eval()
+                history.append(dict(step=step, elapsed=elapsed, eval={str(n): r for n, r in evals.items()}))
+                save()
+            if stop.requested:
+                if not evaluated:
+                    save()
+                raise Interrupted(f"stopped at step {step}/{cfg.max_iters}; saved {ckpt_path}")
     final = history[-1]["eval"] if history else {}
     return summary({int(n): r for n, r in final.items()})
 
@@ -708,23 +790,31 @@ def sweep(cfg, task_overrides, log=print):
     write results.json and results.md (and results.png if matplotlib is installed) to out_dir.
 
     A run whose checkpoint is already there is resumed (a finished one is only loaded), so the runs
-    of a sweep can be spread over processes and collected by one more call; --parallel=P trains up
-    to P of them at once as separate processes, then collects them."""
+    of a sweep can be spread over processes and collected by one more call. On the CPU the runs train
+    side by side, one process per core (--parallel=P: P at once; on a GPU 1 unless given)."""
     passes, seeds = int_list(cfg.sweep, "sweep"), int_list(cfg.seeds, "seeds") or [cfg.seed]
     task = make_task(cfg.task, preset=cfg.preset, **task_overrides)
     run_cfgs = []
     for n in passes:
         for seed in seeds:
-            eval_passes = ",".join(str(x) for x in dict.fromkeys([n] + int_list(cfg.eval_sleep_passes, "eval_sleep_passes")))
+            eval_passes = ",".join(str(x) for x in dict.fromkeys([n] + int_list(cfg.eval_sleep_passes,
+                                                                                "eval_sleep_passes")))
             run_cfgs.append(dataclasses.replace(cfg, sleep_passes=n, seed=seed, sweep="", seeds="", parallel=1,
-                                                eval_sleep_passes=eval_passes, out_dir=os.path.join(cfg.out_dir, f"N{n}_seed{seed}")))
-    if cfg.parallel > 1:
-        train_side_by_side([c for c in run_cfgs if not finished(c)], task_overrides, cfg.parallel, log)
+                                                eval_sleep_passes=eval_passes,
+                                                out_dir=os.path.join(cfg.out_dir, f"N{n}_seed{seed}")))
+    labels = {c.out_dir: f"[run {i + 1}/{len(run_cfgs)} N={c.sleep_passes} seed={c.seed}]"
+              for i, c in enumerate(run_cfgs)}
+    parallel = sweep_parallel(cfg, len(run_cfgs))
+    if parallel > 1:
+        train_side_by_side([c for c in run_cfgs if not finished(c)], task_overrides, parallel, log, labels)
     runs = []
-    for run_cfg in run_cfgs:
+    for i, run_cfg in enumerate(run_cfgs):
         done = os.path.exists(os.path.join(run_cfg.out_dir, "ckpt.pt"))
-        log(f"=== sweep: N={run_cfg.sleep_passes} seed={run_cfg.seed}{' (resuming from its checkpoint)' if done else ''} ===")
-        result = train(dataclasses.replace(run_cfg, resume=done), task_overrides, log)
+        label = labels[run_cfg.out_dir]
+        log(f"{label} {('collecting' if finished(run_cfg) else 'resuming') if done else 'training'}: {run_cfg.out_dir}")
+        later = sum(c.max_iters * c.sleep_passes / run_cfg.sleep_passes for c in run_cfgs[i + 1:] if not finished(c))
+        result = train(dataclasses.replace(run_cfg, resume=done), task_overrides,
+                       lambda text, label=label: log(f"{label} {text}"), later_steps=later)
         if int(os.environ.get("RANK", 0)) != 0:
             continue                  # the other processes of torchrun help train; rank 0 evaluates and collects
         runs.append(dict(sleep_passes=run_cfg.sleep_passes, seed=run_cfg.seed, final=result["final"][run_cfg.sleep_passes],
@@ -738,8 +828,20 @@ def sweep(cfg, task_overrides, log=print):
     with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     log(table)
-    plot(task, runs, os.path.join(cfg.out_dir, "results.png"), log)
+    plotted = plot(task, runs, os.path.join(cfg.out_dir, "results.png"), log)
+    log(f"results: {os.path.join(cfg.out_dir, 'results.md')} (the table above), results.json"
+        + (", results.png" if plotted else ""))
+    log(f"checkpoints: {', '.join(os.path.join(c.out_dir, 'ckpt.pt') for c in run_cfgs)}")
     return runs
+
+
+def sweep_parallel(cfg, runs):
+    """--parallel, or by default on the CPU one run per core (each of cfg.threads threads); else 1."""
+    if cfg.parallel:
+        return cfg.parallel
+    if "RANK" in os.environ or pick_device(cfg.device) != "cpu":
+        return 1
+    return max(1, min(runs, (os.cpu_count() or 1) // (cfg.threads or 1)))
 
 
 def finished(cfg):
@@ -747,31 +849,78 @@ def finished(cfg):
     return os.path.exists(path) and load_checkpoint(path)["step"] >= cfg.max_iters
 
 
-def train_side_by_side(run_cfgs, task_overrides, parallel, log):
-    """Train each run as `python train.py` with all its settings, up to `parallel` processes at once
-    (small models leave most of a GPU idle). Each writes its log to its out_dir/train.log."""
-    waiting, running = list(run_cfgs), []
-    while waiting or running:
-        while waiting and len(running) < parallel:
-            run_cfg = waiting.pop(0)
-            run_cfg = dataclasses.replace(run_cfg, resume=os.path.exists(os.path.join(run_cfg.out_dir, "ckpt.pt")))
-            argv = [f"--{k}={v}" for k, v in dataclasses.asdict(run_cfg).items()]
-            argv += [f"--{k}={flag_text(v)}" for k, v in task_overrides.items()]
-            os.makedirs(run_cfg.out_dir, exist_ok=True)
-            log_file = open(os.path.join(run_cfg.out_dir, "train.log"), "a")
-            process = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=log_file,
-                                       stderr=subprocess.STDOUT)
-            running.append((run_cfg, process, log_file))
-            log(f"started N={run_cfg.sleep_passes} seed={run_cfg.seed} ({len(running)} running): {run_cfg.out_dir}/train.log")
-        time.sleep(0.5)
-        for run_cfg, process, log_file in [r for r in running if r[1].poll() is not None]:
-            running.remove((run_cfg, process, log_file))
-            log_file.close()
-            if process.returncode != 0:
-                for _, other, _ in running:
-                    other.terminate()
-                raise RuntimeError(f"the run in {run_cfg.out_dir} failed (exit {process.returncode}): see its train.log")
-            log(f"finished N={run_cfg.sleep_passes} seed={run_cfg.seed}")
+def train_side_by_side(run_cfgs, task_overrides, parallel, log, labels):
+    """Train each run as `python train.py` with all its settings, up to `parallel` processes at once.
+    Each writes its log to out_dir/train.log; its step and eval lines are shown here, labelled, with
+    an estimate for the whole sweep. Ctrl-C is passed on to the runs, which save a checkpoint."""
+    waiting, running, ms_per_step = list(run_cfgs), [], {}
+    with stop_on_ctrl_c() as stop:
+        try:
+            while waiting or running:
+                while waiting and len(running) < parallel and not stop.requested:
+                    running.append(start_run(waiting.pop(0), task_overrides))
+                    log(f"{labels[running[-1]['cfg'].out_dir]} started: {running[-1]['cfg'].out_dir}/train.log")
+                time.sleep(0.5)
+                if stop.requested:
+                    for run in running:
+                        if not run.get("told"):
+                            run["process"].send_signal(signal.SIGINT)
+                            run["told"] = True
+                for run in running:
+                    relay(run, labels, log, ms_per_step, lambda: sweep_eta(running, waiting, ms_per_step, parallel))
+                for run in [r for r in running if r["process"].poll() is not None]:
+                    running.remove(run)
+                    run["log"].close()
+                    code, label = run["process"].returncode, labels[run["cfg"].out_dir]
+                    if code == 0:
+                        log(f"{label} finished")
+                    elif not stop.requested:
+                        raise RuntimeError(f"{label} failed (exit {code}): see {run['cfg'].out_dir}/train.log")
+        finally:
+            for run in running:
+                run["process"].terminate()
+    if stop.requested:
+        raise Interrupted("stopped: each run of the sweep saved a checkpoint")
+
+
+def start_run(run_cfg, task_overrides):
+    run_cfg = dataclasses.replace(run_cfg, resume=os.path.exists(os.path.join(run_cfg.out_dir, "ckpt.pt")))
+    argv = [f"--{k}={v}" for k, v in dataclasses.asdict(run_cfg).items()]
+    argv += [f"--{k}={flag_text(v)}" for k, v in task_overrides.items()]
+    os.makedirs(run_cfg.out_dir, exist_ok=True)
+    path = os.path.join(run_cfg.out_dir, "train.log")
+    log_file = open(path, "a")
+    start = log_file.tell()
+    # its own session: a Ctrl-C in the terminal reaches this process, which passes it on once
+    process = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=log_file,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    return dict(cfg=run_cfg, process=process, log=log_file, path=path, read=start, eta=None)
+
+
+def relay(run, labels, log, ms_per_step, sweep_eta):
+    """Show the new step and eval lines of a run's train.log; remember its ms/step and eta."""
+    with open(run["path"]) as f:
+        f.seek(run["read"])
+        text = f.read()
+    complete = text[:text.rfind("\n") + 1]
+    run["read"] += len(complete.encode())
+    for line in complete.splitlines():
+        step = re.match(r"step .*\| (\d+) ms/step .*\| eta ([\d.]+) min", line)
+        if step:
+            ms_per_step[run["cfg"].sleep_passes] = int(step.group(1))
+            run["eta"] = float(step.group(2)) * 60
+            line += f" | sweep eta {sweep_eta() / 60:.1f} min"
+        if step or line.startswith(("eval ", "error")):
+            log(f"{labels[run['cfg'].out_dir]} {line}")
+
+
+def sweep_eta(running, waiting, ms_per_step, parallel):
+    """Seconds until the sweep is done: the runs under way, then the waiting ones shared among the
+    processes (a waiting run's ms/step from a run with its N, else scaled by N from the slowest seen)."""
+    busy = [r["eta"] or 0.0 for r in running]
+    per_pass = max((ms / n for n, ms in ms_per_step.items()), default=0.0)
+    queued = sum(c.max_iters * ms_per_step.get(c.sleep_passes, per_pass * c.sleep_passes) / 1000 for c in waiting)
+    return max(max(busy, default=0.0), (sum(busy) + queued) / parallel)
 
 
 def accuracy_over_seeds(task, runs):
@@ -802,8 +951,8 @@ def plot(task, runs, path, log):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("matplotlib not installed: no plot")
-        return
+        log("no plot: matplotlib is optional and not installed (pip install matplotlib draws results.png)")
+        return False
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for n, (mine, mean, spread) in accuracy_over_seeds(task, runs).items():
         ax.errorbar(task.levels, mean, yerr=spread, marker="o", capsize=3,
@@ -818,10 +967,12 @@ def plot(task, runs, path, log):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    log(f"wrote {path}")
+    plt.close(fig)
+    return True
 
 
 def main(argv):
+    sys.stdout.reconfigure(line_buffering=True)   # each line as it is printed, also into a file or a pipe
     if "-h" in argv or "--help" in argv:
         try:
             print(help_text(argv))
@@ -835,15 +986,24 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", 0)) == 0:
-        for key, value in dataclasses.asdict(cfg).items():
-            print(f"{key} = {value}")
-        for key, value in task_overrides.items():
-            print(f"{key} = {value}  (task)")
+        per_run = {"sleep_passes", "seed"} if cfg.sweep else set()   # a sweep sets them per run
+        changed = changed_settings(cfg, task_overrides, skip={"task", "preset", "out_dir", *per_run})
+        print(f"{cfg.task}, {cfg.preset} preset; changed: "
+              f"{' '.join(f'--{k}={flag_text(v)}' for k, v in changed) or 'nothing'} (--help lists every setting)")
     try:
         if cfg.sweep:
             sweep(cfg, task_overrides)
         else:
             train(cfg, task_overrides)
+            if not cfg.eval_only and int(os.environ.get("RANK", 0)) == 0:
+                print(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')} (evaluate at other N: python train.py "
+                      f"--out_dir={cfg.out_dir} --eval_only --eval_sleep_passes=1,2,4,8)")
+    except Interrupted as e:
+        again = argv if cfg.sweep or "--resume" in argv else argv + ["--resume"]
+        print(f"{e}. To continue: python train.py {shlex.join(again)}")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit("stopped at once (a second Ctrl-C): nothing saved since the last checkpoint")
     except (NonFiniteLoss, ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     finally:
