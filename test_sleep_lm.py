@@ -1316,31 +1316,66 @@ def test_default_output_folders_name_the_task_preset_and_every_changed_setting()
     assert model.config.sleep_blocks == (1, 2) and model.config.layers == "AGAG"
 
 
-def test_readme_training_commands_never_share_an_output_folder():
-    readme = (HERE / "README.md").read_text()
-    commands = re.findall(r"^python train\.py (.*?)(?:\s+#.*)?$", readme, re.M)
-    folders, continued = {}, []
-    for line in commands:
-        argv = line.split()
-        if "--help" in argv:
-            continue
-        if {"--resume", "--eval_only"} & set(argv):   # must find a run that another command trains
-            continued.append((line, train.parse_args([a for a in argv if a not in ("--resume", "--eval_only")])[0]))
-            continue
-        folder = train.parse_args(argv)[0].out_dir
-        assert folders.setdefault(folder, line) == line, f"{line!r} and {folders[folder]!r} both write {folder}"
-    assert len(folders) >= 5 and len(continued) >= 3
-    for line, cfg in continued:
-        assert cfg.out_dir in folders, f"{line!r} looks for a run in {cfg.out_dir}, which no README command trains"
+def documented_code():
+    """(file, language, code) of every fenced bash and python block: the README, then docs/ as its index lists them."""
+    index = (HERE / "docs" / "README.md").read_text()
+    files = ["README.md", "docs/README.md"] + [f"docs/{name}" for name in re.findall(r"\]\((\w[\w-]*\.md)\)", index)]
+    assert len(files) >= 8 and all((HERE / f).exists() for f in files), files
+    blocks = []
+    for f in dict.fromkeys(files):
+        blocks += [(f, lang, code) for lang, code in re.findall(r"```(bash|python)\n(.*?)```", (HERE / f).read_text(), re.S)]
+    return blocks
 
 
-def test_the_readme_checkpoint_example_runs(tmp_path, capsys):
-    quiet_train(SMOKE + [f"--out_dir={tmp_path}"])
-    blocks = [b.split("```")[0] for b in (HERE / "README.md").read_text().split("```python\n")[1:]]
-    (code,) = [b for b in blocks if "ckpt = torch.load" in b]
-    exec(code.replace("out/rule110-cpu/N4_seed0/ckpt.pt", str(tmp_path / "ckpt.pt")), {})
+# What the docs test does not run here: installs, the GPU scripts, several processes, the paper presets (a GPU's
+# work: thousands of tokens per example even when shrunk), compiled runs (a minute of compiling each on a CPU),
+# the full benchmark (minutes; `bench.py --quick` has its own test) and the tests themselves.
+NOT_RUN_HERE = re.compile(r"^(pip |bash scripts/|torchrun |python -m pytest )|--compile|--preset=paper"
+                          r"|^python bench\.py(?!.*--quick)")
+
+
+def test_every_command_and_code_block_in_the_docs_runs_as_written_after_the_quick_start(tmp_path, monkeypatch, capsys):
+    """Runs each fenced command and code block of README.md and docs/, in order, from a copy of the repository
+    root. The presets shrink to a few steps of a tiny model, and every --max_iters given with them by the same
+    factor of 1000, so the whole chain (quick start, evaluate, resume, extend, probe, load_run, ...) takes
+    seconds; sweeps run in this process (their side-by-side processes have a test of their own)."""
+    for key, preset in train.PRESETS.items():
+        steps = max(2, preset.get("max_iters", train.TrainConfig.max_iters) // 1000)
+        monkeypatch.setitem(train.PRESETS, key, {**preset, "n_embd": 16, "n_head": 2, "batch_size": 4,
+                                                 "max_iters": steps, "eval_interval": steps, "log_interval": 1,
+                                                 "eval_examples": 4, "warmup_iters": 1})
+    monkeypatch.setattr(train, "sweep_parallel", lambda cfg, runs: 1)
+    for name in ("sleep_lm.py", "data.py", "train.py", "bench.py", "probe.py"):
+        (tmp_path / name).symlink_to(HERE / name)
+    monkeypatch.chdir(tmp_path)
+    ran, skipped = [], []
+    for f, lang, code in documented_code():
+        if lang == "python":
+            exec(compile(code, f"{f} (python block)", "exec"), {"__name__": "__docs__"})
+            ran.append(code)
+            continue
+        for line in code.splitlines():
+            command = line.split("  #")[0].strip()
+            if not command:
+                continue
+            if NOT_RUN_HERE.search(command):
+                skipped.append(command)
+                continue
+            python, script, *argv = shlex.split(command)
+            assert python == "python" and script.endswith(".py"), f"{f}: {command!r} is not a python script"
+            argv = [re.sub(r"^--max_iters=(\d+)$", lambda m: f"--max_iters={max(2, int(m[1]) // 1000)}", a)
+                    for a in argv]
+            module = __import__(script[:-3])
+            monkeypatch.setattr(sys, "argv", [script, *argv])
+            try:
+                module.main(argv) if module.main.__code__.co_argcount else module.main()
+            except SystemExit as stop:
+                assert stop.code in (None, 0), f"{f}: {command!r} stopped with {stop.code!r}"
+            ran.append(command)
     out = capsys.readouterr().out
-    assert "tensor([[" in out and float(re.search(r"streamed vs forward: (\S+)", out).group(1)) < 1e-4
+    assert "python train.py --task=rule110 --sweep=1,4" in ran and any("load_run" in c for c in ran), ran
+    assert len(ran) >= 15 and "Traceback" not in out
+    assert all(NOT_RUN_HERE.search(c) for c in skipped)
 
 
 def test_a_sweep_refuses_a_checkpoint_of_another_task(tmp_path):

@@ -988,8 +988,8 @@ def main(argv):
     if int(os.environ.get("RANK", 0)) == 0:
         per_run = {"sleep_passes", "seed"} if cfg.sweep else set()   # a sweep sets them per run
         changed = changed_settings(cfg, task_overrides, skip={"task", "preset", "out_dir", *per_run})
-        print(f"{cfg.task}, {cfg.preset} preset; changed: "
-              f"{' '.join(f'--{k}={flag_text(v)}' for k, v in changed) or 'nothing'} (--help lists every setting)")
+        flags = [f"--{k}" if v is True else f"--{k}={flag_text(v)}" for k, v in changed]
+        print(f"{cfg.task}, {cfg.preset} preset; changed: {' '.join(flags) or 'nothing'} (--help lists every setting)")
     try:
         if cfg.sweep:
             sweep(cfg, task_overrides)
