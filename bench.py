@@ -455,7 +455,7 @@ def bench_memory(sizes, device):
 
 def compile_cases(device, sizes):
     """(task, preset, N, batch, model settings, target speed-up) for the compile rows: the cpu preset's
-    Rule 110 model (train.py's, AG d=64), and on CUDA the paper presets with the targets of issue 12."""
+    Rule 110 model (train.py's, AG d=64), and on CUDA the paper presets with a target speed-up for each."""
     cpu = {k: PRESETS["rule110", "cpu"][k] for k in ("n_embd", "n_head", "layers")}
     cases = [("rule110", "cpu", n, sizes["train_batch"]["rule110"], cpu, None) for n in (1, 4)]
     if device.type == "cuda":
