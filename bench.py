@@ -23,7 +23,7 @@ What is measured:
               ("AAAA") of the same width and depth.
   3. wake     ms per decoded token (SleepCache.feed of one token; median over 16 consecutive tokens)
               at positions L, 4L, 16L, 64L for the sleeping hybrid (hard eviction, N=4), eager and with
-              SleepCache(compile_mode=...) (reduce-overhead on CUDA: CUDA graphs), and the same model
+              CompiledSleepCache (reduce-overhead on CUDA: CUDA graphs), and the same model
               with eviction "none" (full attention, growing KV cache); and the cost of one sleep (N
               passes over a full window).
   4. memory   peak memory allocated by one training step over 8 consolidation windows + 1 prediction
@@ -55,7 +55,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import PAPER_BATCH_SIZE, make_task
-from sleep_lm import CUDA_GRAPH_MODES, SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
+from sleep_lm import CUDA_GRAPH_MODES, CompiledSleepCache, SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
 from train import PRESETS, autocast, compiled_for_training, configure_optimizers
 
 # Width, batch sizes and optimizer of train.py's PRESETS[(task, "cpu")], with the paper's 4-layer AGAG
@@ -376,7 +376,7 @@ def bench_wake(sizes, device, repeats):
         feeds = {}
         for kind in kinds:
             for multiple in WAKE_POSITIONS:
-                cache = SleepCache(model, B, compile_mode=mode if kind == "compiled" else None)
+                cache = CompiledSleepCache(model, B, compile_mode=mode) if kind == "compiled" else SleepCache(model, B)
                 cache.feed(torch.randint(0, vocab_size, (B, multiple * L), device=device))
                 tokens = iter(torch.randint(0, vocab_size, (n_tokens + 2, B, 1), device=device))
                 cache.feed(next(tokens))   # compiles, for the compiled kind
@@ -391,7 +391,7 @@ def bench_wake(sizes, device, repeats):
                     rows.append(row("wake", setting, t[kind, multiple] * 1e3, "ms", t[kind, multiple] / t[kind, 1],
                                     "/ position L", ("<=", 1.15) if eviction == "hard" and multiple == WAKE_POSITIONS[-1] else None))
                 else:
-                    rows.append(row("wake", f"{setting}, SleepCache(compile_mode={mode!r})", t[kind, multiple] * 1e3,
+                    rows.append(row("wake", f"{setting}, CompiledSleepCache(compile_mode={mode!r})", t[kind, multiple] * 1e3,
                                     "ms", t["eager", multiple] / t[kind, multiple], "eager / compiled"))
         if eviction == "hard":   # one sleep: N passes over a full window, i.e. feed L tokens at a window boundary
             cache = SleepCache(model, B)

@@ -15,13 +15,16 @@ is kept. Prediction ("wake") is one ordinary forward pass, so wake-time cost doe
 Read in this order:
   1. gated_delta_rule       the local rule: per-token reference and the exact chunkwise-parallel form
   2. Attention, GatedDeltaNet, MLP, Block
-  3. SleepLM.forward        Algorithm 1 of the paper (windows, consolidation passes, eviction)
-  4. SleepCache             the streaming state (KV, conv windows, S) with wake / sleep / evict
+  3. SleepLM.algorithm1     Algorithm 1 of the paper on one screen (windows, sleep passes, eviction)
+  4. SleepLM.forward        the same loop with its options (sliding eviction, partial looping, ...)
+  5. SleepCache             the streaming state (KV, conv windows, S) with wake / sleep / evict
+The end of the file holds what a first reading can skip: input checks, and the fast paths (the same
+numbers, compiled), each marked.
 
 Shape letters:
   B batch, T time (tokens), C channels (n_embd), V vocabulary, H heads,
-  Dk / Dv key / value head dims, L window (tokens per window), N sleep passes (N = 1: no sleep).
-  (The chunkwise local rule cuts its input into chunks of C tokens: a speed device, not a window.)
+  Dk / Dv key / value head dims, L window (tokens per window), N sleep passes (N = 1: no sleep),
+  Lc chunk length of the chunkwise local rule (a speed device inside one call, not a window).
 
 Eviction modes (what survives a window boundary):
   "hard"    only S (and nothing else) crosses into the next window: the paper's Algorithm 1.
@@ -41,26 +44,10 @@ from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
 EVICTIONS = ("hard", "sliding", "none")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the torch.compile modes that replay CUDA graphs
 LAYER_KINDS = {"A": "causal attention", "G": "Gated DeltaNet"}
 
 # -----------------------------------------------------------------------------
 # The local rule: the gated delta recurrence that writes tokens into the fast weights S.
-
-
-def _check_rule_inputs(q, k, v, log_decay, beta, state, chunk_size):
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must both be (B, T, H, Dk), got {tuple(q.shape)} and {tuple(k.shape)}")
-    B, T, H, Dk = q.shape
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be (B, T, H, Dv) = ({B}, {T}, {H}, Dv), got {tuple(v.shape)}")
-    for name, x in (("log_decay", log_decay), ("beta", beta)):
-        if x.shape != (B, T, H):
-            raise ValueError(f"{name} must be (B, T, H) = ({B}, {T}, {H}), got {tuple(x.shape)}")
-    if state is not None and state.shape != (B, H, Dk, v.shape[-1]):
-        raise ValueError(f"state must be (B, H, Dk, Dv) = ({B}, {H}, {Dk}, {v.shape[-1]}), got {tuple(state.shape)}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None (per-token recurrence) or an int >= 1, got {chunk_size!r}")
 
 
 def state_dtype(x):
@@ -80,10 +67,13 @@ def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, chunk_size=None):
         S <- S + k_t (beta_t (v_t - S^T k_t))^T      delta-rule write: move S^T k_t towards v_t
         o_t = S^T q_t                                read
     No normalisation or scaling happens here; the layer L2-normalises q, k and scales q.
-    chunk_size=None runs the per-token loop (the readable reference); chunk_size=C runs the exact
-    chunkwise-parallel form over chunks of C tokens (any T). Both compute in float32, or float64.
+    chunk_size=None runs the per-token loop (the readable reference); chunk_size=Lc runs the exact
+    chunkwise-parallel form over chunks of Lc tokens (any T). Both compute in float32, or float64.
+    In flash-linear-attention (a yardstick in bench.py, not a dependency) this is
+        fla.ops.gated_delta_rule.chunk_gated_delta_rule(q, k, v, g=log_decay, beta=beta, scale=1.0,
+                                                        initial_state=state, output_final_state=True)
     """
-    _check_rule_inputs(q, k, v, log_decay, beta, state, chunk_size)
+    check_rule_inputs(q, k, v, log_decay, beta, state, chunk_size)
     out_dtype = q.dtype
     dtype = state_dtype(q)
     q, k, v, log_decay, beta = (x.to(dtype) for x in (q, k, v, log_decay, beta))
@@ -115,8 +105,8 @@ def _delta_rule_recurrent(q, k, v, log_decay, beta, S, chunk_size=None):
 def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
     """The chunkwise-parallel form (WY / UT transform; Yang et al., arXiv 2412.06464, sec. 3).
 
-    Here (only) C is the chunk length and a "chunk" is a block of C tokens of the local rule, a speed
-    device inside one call; not the sleep window. Inside a chunk with cumulative log decay c_i = sum_{j<=i} log_decay_j, unrolling the recurrence
+    A chunk is a block of Lc tokens of the local rule, a speed device inside one call; not the sleep
+    window. Inside a chunk with cumulative log decay c_i = sum_{j<=i} log_decay_j, unrolling the recurrence
     from the chunk's initial state S0 gives S_i = e^{c_i} S0 + sum_{j<=i} e^{c_i - c_j} k_j u_j^T,
     where the "new values" u_j = beta_j (v_j - S_{j-1}'^T k_j) solve the unit lower-triangular system
         (I + diag(beta) A) u = diag(beta) V - diag(beta e^c) K S0,   A_ij = e^{c_i - c_j} k_i.k_j (j < i).
@@ -125,19 +115,19 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
     """
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    C = min(chunk_size, T)
-    pad = -T % C
+    Lc = min(chunk_size, T)
+    pad = -T % Lc
     if pad:  # padded tokens have k = v = q = 0, beta = 0, log_decay = 0: they leave S unchanged
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
         log_decay, beta = (F.pad(x, (0, 0, 0, pad)) for x in (log_decay, beta))
-    n = (T + pad) // C
+    n = (T + pad) // Lc
     # contiguous once: the batched matmuls below would otherwise each copy the permuted q and k
-    q, k, v = (x.reshape(B, n, C, H, -1).permute(0, 3, 1, 2, 4).contiguous() for x in (q, k, v))  # (B, H, n, C, D)
-    log_decay, beta = (x.reshape(B, n, C, H).permute(0, 3, 1, 2) for x in (log_decay, beta))  # (B, H, n, C)
+    q, k, v = (x.reshape(B, n, Lc, H, -1).permute(0, 3, 1, 2, 4).contiguous() for x in (q, k, v))  # (B, H, n, Lc, D)
+    log_decay, beta = (x.reshape(B, n, Lc, H).permute(0, 3, 1, 2) for x in (log_decay, beta))  # (B, H, n, Lc)
 
-    c = log_decay.cumsum(-1)                                              # (B, H, n, C)
-    gap = c[..., :, None] - c[..., None, :]                               # c_i - c_j, (B, H, n, C, C)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    c = log_decay.cumsum(-1)                                              # (B, H, n, Lc)
+    gap = c[..., :, None] - c[..., None, :]                               # c_i - c_j, (B, H, n, Lc, Lc)
+    causal = torch.ones(Lc, Lc, dtype=torch.bool, device=q.device).tril()
     # Mask before exp: above the diagonal c_i - c_j > 0 could overflow.
     decay = gap.masked_fill(~causal, float("-inf")).exp()                 # e^{c_i - c_j} for j <= i
     A = (k @ k.transpose(-1, -2)) * decay * beta[..., None]               # diag(beta) A, diagonal ignored
@@ -145,8 +135,8 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
     # Solved as UW^T (I + diag(beta) A)^T = rhs^T: the same system, but LAPACK then gets row-major
     # operands without copies, which makes the solve and its backward much faster on CPU.
     UW = torch.linalg.solve_triangular(A.mT, rhs.mT, upper=True, left=False, unitriangular=True).mT
-    U, W = UW.split([Dv, Dk], dim=-1)                                     # (B, H, n, C, Dv), (.., Dk)
-    scores = (q @ k.transpose(-1, -2)) * decay                            # (B, H, n, C, C), j <= i
+    U, W = UW.split([Dv, Dk], dim=-1)                                     # (B, H, n, Lc, Dv), (.., Dk)
+    scores = (q @ k.transpose(-1, -2)) * decay                            # (B, H, n, Lc, Lc), j <= i
     q_decayed = q * c.exp()[..., None]                                    # reads S0 through e^{c_i}
     k_decayed = k * (c[..., -1:] - c).exp()[..., None]                    # writes decay to chunk end
     chunk_decay = c[..., -1].exp()[..., None, None]                       # (B, H, n, 1, 1)
@@ -155,11 +145,11 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
     # Unbind once: indexing [:, :, i] in the loop would make backward write n full-size gradients.
     per_chunk = (x.unbind(2) for x in (U, W, q_decayed, scores, k_decayed.transpose(-1, -2), chunk_decay))
     for U_i, W_i, q_i, scores_i, k_i, decay_i in zip(*per_chunk):
-        u = U_i - W_i @ S                                                 # (B, H, C, Dv)
+        u = U_i - W_i @ S                                                 # (B, H, Lc, Dv)
         outputs.append(q_i @ S + scores_i @ u)
         S = decay_i * S + k_i @ u
-    o = torch.stack(outputs, dim=2)                                       # (B, H, n, C, Dv)
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, Dv)[:, :T]          # (B, T, H, Dv)
+    o = torch.stack(outputs, dim=2)                                       # (B, H, n, Lc, Dv)
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, n * Lc, H, Dv)[:, :T]          # (B, T, H, Dv)
     return o, S
 
 
@@ -221,7 +211,8 @@ class Attention(nn.Module):
         q, k = rotate(q, pos, self.inv_freq), rotate(k, pos, self.inv_freq)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                              # (B, H, T, D)
         k_ctx, v_ctx, pos_ctx = context
-        k, v, k_pos = torch.cat([k_ctx, k.to(k_ctx.dtype)], 2), torch.cat([v_ctx, v.to(v_ctx.dtype)], 2), torch.cat([pos_ctx, pos])
+        k, v = torch.cat([k_ctx, k.to(k_ctx.dtype)], 2), torch.cat([v_ctx, v.to(v_ctx.dtype)], 2)   # (B, H, Tk, D)
+        k_pos = torch.cat([pos_ctx, pos])
         if pos_ctx.numel() == 0 and T <= span:  # nothing before x: the mask is plain causal
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True)
         else:
@@ -319,19 +310,6 @@ class Block(nn.Module):
 # The model.
 
 
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-
-def _check_int(name, value, minimum, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        none = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an int >= {minimum}{none}, got {value!r}")
-
-
 @dataclass
 class SleepLMConfig:
     vocab_size: int = 64
@@ -355,28 +333,7 @@ class SleepLMConfig:
                                        # choice for Jet-Nemotron (its middle 14 of 28); None: every block
 
     def __post_init__(self):
-        _check_int("vocab_size", self.vocab_size, 1)
-        _check_int("n_embd", self.n_embd, 1)
-        _check_int("n_head", self.n_head, 1)
-        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"n_embd must be divisible by n_head with an even head size, got "
-                             f"n_embd={self.n_embd}, n_head={self.n_head}")
-        if not isinstance(self.layers, str) or not self.layers or set(self.layers) - set(LAYER_KINDS):
-            raise ValueError(f"layers must be a non-empty string of letters {LAYER_KINDS}, got {self.layers!r}")
-        _check_int("window", self.window, 1)
-        _check_int("sleep_passes", self.sleep_passes, 1)
-        _check_choice("eviction", self.eviction, EVICTIONS)
-        _check_int("mlp_ratio", self.mlp_ratio, 1)
-        _check_int("conv_size", self.conv_size, 2)
-        _check_int("gdn_chunk_size", self.gdn_chunk_size, 1)
-        _check_int("bptt_passes", self.bptt_passes, 1, allow_none=True)
-        if self.sleep_blocks is not None:
-            n = len(self.layers)
-            blocks = tuple(self.sleep_blocks) if isinstance(self.sleep_blocks, (tuple, list)) else ()
-            if not (len(blocks) == 2 and all(type(b) is int for b in blocks) and 0 <= blocks[0] < blocks[1] <= n):
-                raise ValueError(f"sleep_blocks must be None (every block) or (start, stop) with "
-                                 f"0 <= start < stop <= {n} (the number of blocks), got {self.sleep_blocks!r}")
-            self.sleep_blocks = blocks
+        check_config(self)   # a ValueError naming the field (at the end of the file)
 
 
 class SleepLM(nn.Module):
@@ -426,14 +383,40 @@ class SleepLM(nn.Module):
 
     # -- the sleep loop ---------------------------------------------------------------------
 
+    def algorithm1(self, idx, targets):
+        """Algorithm 1 of the paper, plainly: hard eviction, every block sleeps, full backprop.
+
+        idx, targets: (B, T), targets -1 wherever there is nothing to predict. Returns (logits, loss) equal
+        to forward's with the default options (test_algorithm1_is_forward_with_the_default_options); forward
+        runs the same loop with its options on top (process_window, run_windows). Read this one first.
+        """
+        N, L = self.config.sleep_passes, self.config.window
+        context, S = self.empty_state(idx.shape[0], idx.device)   # S = 0; nothing before the first window
+        logits, predicted = [], []
+        for start in range(0, idx.shape[1], L):
+            x, y = idx[:, start:start + L], targets[:, start:start + L]
+            pos = torch.arange(start, start + x.shape[1], device=idx.device)
+            consolidate = bool((y < 0).all())      # no answer in this window: sleep on it
+            h = self.wte(x)                         # embed once
+            for p in range(N if consolidate else 1):   # pass 1 wakes; passes 2..N sleep, each from the
+                h, S, _ = self.block_pass(h, pos, context, S, L)   # previous pass's features and S
+                if p == 0:
+                    logits.append(self.head(h))     # what the model predicts from: the wake pass
+            if not consolidate:
+                predicted.append((logits[-1], y))
+            # Evict: the window's features and attention KV are dropped; only S goes on (context stays empty).
+        loss = F.cross_entropy(torch.cat([z for z, _ in predicted], 1).flatten(0, 1),
+                               torch.cat([y for _, y in predicted], 1).flatten(), ignore_index=-1)
+        return torch.cat(logits, dim=1), loss
+
     def resolve(self, sleep_passes=None, window=None, eviction=None):
         """Per-call overrides of N, L and eviction, checked like the config."""
         N = self.config.sleep_passes if sleep_passes is None else sleep_passes
         L = self.config.window if window is None else window
         eviction = self.config.eviction if eviction is None else eviction
-        _check_int("sleep_passes", N, 1)
-        _check_int("window", L, 1)
-        _check_choice("eviction", eviction, EVICTIONS)
+        check_int("sleep_passes", N, 1)
+        check_int("window", L, 1)
+        check_choice("eviction", eviction, EVICTIONS)
         return N, L, eviction
 
     def empty_state(self, batch_size, device=None, dtype=None):
@@ -502,18 +485,13 @@ class SleepLM(nn.Module):
         return self.lm_head(self.norm_f(h)).to(state_dtype(h))
 
     def process_window(self, idx, pos, context, S, passes, span, untracked=0):
-        """Algorithm 1 for one window: embed once, then `passes` passes of the block stack.
-
-        Pass 1 (wake) runs every block; passes 2..N run the looped blocks (config.sleep_blocks, all by
-        default), each on the previous pass's output of the looped segment and the S the previous
-        pass left. Attention and the conv see the window (and, sliding, the kept context) only.
+        """One window of algorithm1: embed once, then `passes` passes. Pass 1 (wake) runs every block;
+        passes 2..N the looped blocks (config.sleep_blocks, all by default) on their previous output.
         Truncated backprop: the first `untracked` passes (a Python int) run without gradient and are
         reconnected straight-through, h = embeddings + (h_untracked - embeddings).detach() and per GDN
-        block S = S_in + (S_untracked - S_in).detach(): their forward values, the identity in backward
-        (the gradient still reaches the embeddings and the incoming S; the weights get none from them).
-        Returns the wake logits (pass 1, what a decoder sees), the final S and the extended context
-        (of the last pass for looped blocks, of pass 1 for the others).
-        """
+        block S = S_in + (S_untracked - S_in).detach(): their values, the identity in backward.
+        Returns the wake logits, the final S and the extended context (of the last pass for looped
+        blocks, of pass 1 for the others)."""
         embeddings = self.wte(idx)
         S_in = S
         with torch.no_grad() if untracked else contextlib.nullcontext():
@@ -530,16 +508,10 @@ class SleepLM(nn.Module):
         return (wake_logits if passes == 1 else wake_logits.detach()), S, extended
 
     def forward(self, idx, targets=None, *, sleep_passes=None, window=None, eviction=None):
-        """Algorithm 1 of the paper (hard eviction), with sliding and no eviction as variants.
-
-        idx: (B, T) token ids; targets: (B, T) with -1 wherever there is nothing to predict.
-        The sequence is cut into windows of L tokens. A window whose targets are all -1 is a
-        consolidation window: N passes, then eviction. A window with any target >= 0 is a
-        prediction window: one pass, whose logits feed the cross-entropy. Without targets, every
-        window but the last is consolidated. S starts at zero and is the only thing that crosses
-        a boundary under hard eviction; gradients reach through every pass and window.
-        Returns logits (B, T, V), from the wake pass (pass 1) of every window, and the loss.
-        """
+        """algorithm1 with the options: eviction (hard, sliding, none), sleep_blocks, bptt_passes,
+        checkpoint_windows, input_injection, and N, L, eviction per call. idx, targets: (B, T), targets -1
+        where there is nothing to predict; without targets every window but the last is consolidated.
+        Returns logits (B, T, V), from the wake pass (pass 1) of every window, and the loss (or None)."""
         N, L, eviction = self.resolve(sleep_passes, window, eviction)
         consolidate = self.plan_windows(idx, targets, None if eviction == "none" else L)
         if eviction == "none":   # one window, one pass
@@ -550,21 +522,14 @@ class SleepLM(nn.Module):
     def plan_windows(self, idx, targets, L):
         """Check idx and targets; return, per window of L tokens (None: one window), whether it is a
         consolidation window: a tuple of Python bools, so that run_windows branches on no tensor value."""
-        self._check_tokens("idx", idx)
+        check_tokens("idx", idx, self.config.vocab_size)
         T = idx.shape[1]
         L = L or T
         if targets is None:
             return tuple(stop < T for stop in range(L, T + L, L))
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        self._check_tokens("targets", targets, allow_ignore=True)
+        check_tokens("targets", targets, self.config.vocab_size, like=idx)
         no_answer = torch.stack([(targets[:, s:s + L] < 0).all(dim=1) for s in range(0, T, L)]).tolist()  # (windows, B)
-        for w, rows in enumerate(no_answer):
-            if any(rows) != all(rows):
-                raise ValueError(f"targets: the window at {w * L}..{min(w * L + L, T) - 1} holds answers in some rows "
-                                 f"but not in others; windows must line up across the batch")
-        if all(rows[0] for rows in no_answer):
-            raise ValueError("targets has no answer token (every entry is -1): nothing to predict")
+        check_windows_line_up(no_answer, L, T)
         return tuple(rows[0] for rows in no_answer)
 
     def run_windows(self, idx, targets, consolidate, N, L, eviction):
@@ -599,15 +564,6 @@ class SleepLM(nn.Module):
                                    ignore_index=-1)
         return logits, loss
 
-    def _check_tokens(self, name, x, allow_ignore=False):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype != torch.long or x.shape[1] == 0:
-            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name} must be a (B, T) LongTensor with T >= 1, got {got}")
-        low, high = (int(v) for v in torch.stack([x.min(), x.max()]).tolist()) if x.numel() else (0, 0)
-        if low < (-1 if allow_ignore else 0) or high >= self.config.vocab_size:
-            allowed = ("-1 (ignore) or " if allow_ignore else "") + f"0..{self.config.vocab_size - 1}"
-            raise ValueError(f"{name} holds ids outside the vocabulary: allowed {allowed}, got min {low}, max {high}")
-
     # -- inference ---------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -619,13 +575,14 @@ class SleepLM(nn.Module):
         one wake pass over one token, whatever the distance already generated.
         temperature > 0 samples from softmax(logits / temperature); temperature = 0 is greedy (argmax).
         top_k = K samples among the K most likely tokens only; None: no filtering.
-        compile_mode: decode through SleepCache's compiled one-token step (a fast path; see SleepCache).
+        compile_mode: decode through CompiledSleepCache's compiled one-token step (a fast path, the same tokens).
         """
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-        _check_int("top_k", top_k, 1, allow_none=True)
-        cache = SleepCache(self, idx.shape[0], sleep_passes=sleep_passes, window=window, eviction=eviction,
-                           compile_mode=compile_mode)
+        check_int("top_k", top_k, 1, allow_none=True)
+        options = dict(sleep_passes=sleep_passes, window=window, eviction=eviction)
+        cache = (CompiledSleepCache(self, idx.shape[0], compile_mode=compile_mode, **options) if compile_mode
+                 else SleepCache(self, idx.shape[0], **options))
         logits = cache.feed(idx)[:, -1]
         for _ in range(max_new_tokens):
             if temperature == 0:
@@ -654,38 +611,15 @@ class SleepCache:
     wake(idx)   one pass over new tokens of the current window; returns their logits
     sleep()     the remaining N - 1 passes of the looped blocks over the window (pass 1 was the wake pass)
     evict()     drop the window's KV and features; keep S (and, sliding, the newest L - 1 tokens)
-    Memory is bounded by the window: at most 2L - 1 attention entries, L features and loop inputs, and S.
-
-    compile_mode (a fast path, hard or sliding eviction): keep every attention context at exactly L - 1
-    entries (fixed_context) so that all one-token wake steps have the same shapes, and run them under
-    torch.compile in this mode ("reduce-overhead": one CUDA graph replay per token). Same logits.
+    Memory is bounded by the window. CompiledSleepCache (end of file): the same, one-token step compiled.
     """
 
-    def __init__(self, model, batch_size, *, sleep_passes=None, window=None, eviction=None, compile_mode=None):
+    def __init__(self, model, batch_size, *, sleep_passes=None, window=None, eviction=None):
         self.model = model
         self.batch_size = batch_size
         self.sleep_passes, self.window, self.eviction = model.resolve(sleep_passes, window, eviction)
         self.span = self.window if self.eviction != "none" else float("inf")
-        self.compile_mode = compile_mode if self.eviction != "none" else None
-        if self.compile_mode:   # one graph per batch size and model; past the limit fullgraph would fail
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled_step = torch.compile(self.wake_step, mode=compile_mode, fullgraph=True, dynamic=False)
         self.reset()
-
-    def fixed_context(self, context):
-        """With compile_mode: each attention context as its newest L - 1 entries, padded in front with
-        zero entries at position 2^40, which no query can see (later than every query)."""
-        if not self.compile_mode:
-            return context
-        fixed, M = [], self.window - 1
-        for block, ctx in zip(self.model.blocks, context):
-            if block.kind == "A":   # torch.cat: a new contiguous tensor, so the strides never change either
-                k, v, pos = ctx
-                pad, keep = max(M - len(pos), 0), len(pos) - min(M, len(pos))
-                ctx = (*(torch.cat([x.new_zeros(*x.shape[:2], pad, x.shape[3]), x[:, :, keep:]], 2) for x in (k, v)),
-                       torch.cat([pos.new_full((pad,), 2**40), pos[keep:]]))
-            fixed.append(ctx if block.kind == "A" else ctx.contiguous())
-        return fixed
 
     def reset(self):
         self.context, self.S = self.model.empty_state(self.batch_size)
@@ -694,22 +628,20 @@ class SleepCache:
         self.pos = 0            # absolute position of the next token
         self.window_start = 0
 
+    def fixed_context(self, context):
+        """The context as the cache keeps it: as it is (CompiledSleepCache pads it to a fixed shape)."""
+        return context
+
     def window_length(self):
         return self.pos - self.window_start
 
     def wake(self, idx):
         """One ordinary pass over idx (B, t), which must fit in the current window."""
         if self.eviction != "none" and self.window_length() + idx.shape[1] > self.window:
-            raise ValueError(f"wake got {idx.shape[1]} tokens but only {self.window - self.window_length()} fit in the window")
+            raise ValueError(f"wake got {idx.shape[1]} tokens but only {self.window - self.window_length()} fit "
+                             f"in the window")
         pos = torch.arange(self.pos, self.pos + idx.shape[1], device=idx.device)
-        if self.compile_mode and idx.shape[1] == 1:
-            if self.compile_mode in CUDA_GRAPH_MODES:   # CUDA graphs: a new step, and clones,
-                torch.compiler.cudagraph_mark_step_begin()                  # since the next replay overwrites outputs
-            result = tree_map(lambda x: x.clone() if torch.is_tensor(x) else x,
-                              self.compiled_step(idx, pos, self.context, self.S))
-        else:
-            result = self.wake_step(idx, pos, self.context, self.S)
-        logits, self.S, self.context, loop_input, h = result
+        logits, self.S, self.context, loop_input, h = self.wake_step(idx, pos, self.context, self.S)
         if self.eviction != "none":
             self.features.append(h)
             self.loop_inputs.append(loop_input)
@@ -717,8 +649,8 @@ class SleepCache:
         return logits
 
     def wake_step(self, idx, pos, context, S):
-        """The wake pass over idx at positions pos: logits, S, context (fixed, with compile_mode), and the
-        looped blocks' input and output features. compile_mode compiles this function."""
+        """The wake pass over idx at positions pos: logits, S, context, and the looped blocks' input and
+        output features."""
         out, S, context, loop_input, h = self.model.wake_pass(self.model.wte(idx), pos, context, S, self.span)
         return self.model.head(out), S, self.fixed_context(context), loop_input, h
 
@@ -740,7 +672,7 @@ class SleepCache:
     def feed(self, idx):
         """Read idx (B, T) in order: wake, and sleep + evict each time the window fills.
         Returns the wake logits (B, T, V): equal to SleepLM.forward's on the same sequence."""
-        self.model._check_tokens("idx", idx)
+        check_tokens("idx", idx, self.model.config.vocab_size)
         logits = []
         start = 0
         while start < idx.shape[1]:
@@ -752,3 +684,127 @@ class SleepCache:
                 self.sleep()
                 self.evict()
         return torch.cat(logits, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Input checks: a ValueError that names the argument and what it allows. Skip on first read.
+
+
+def check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_int(name, value, minimum, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an int >= {minimum}{none}, got {value!r}")
+
+
+def check_config(config):
+    """SleepLMConfig's fields, checked when it is made; sleep_blocks becomes a tuple."""
+    for name, minimum in (("vocab_size", 1), ("n_embd", 1), ("n_head", 1), ("window", 1), ("sleep_passes", 1),
+                          ("mlp_ratio", 1), ("conv_size", 2), ("gdn_chunk_size", 1)):
+        check_int(name, getattr(config, name), minimum)
+    check_int("bptt_passes", config.bptt_passes, 1, allow_none=True)
+    check_choice("eviction", config.eviction, EVICTIONS)
+    if config.n_embd % config.n_head or (config.n_embd // config.n_head) % 2:
+        raise ValueError(f"n_embd must be divisible by n_head with an even head size, got "
+                         f"n_embd={config.n_embd}, n_head={config.n_head}")
+    if not isinstance(config.layers, str) or not config.layers or set(config.layers) - set(LAYER_KINDS):
+        raise ValueError(f"layers must be a non-empty string of letters {LAYER_KINDS}, got {config.layers!r}")
+    if config.sleep_blocks is not None:
+        n = len(config.layers)
+        blocks = tuple(config.sleep_blocks) if isinstance(config.sleep_blocks, (tuple, list)) else ()
+        if not (len(blocks) == 2 and all(type(b) is int for b in blocks) and 0 <= blocks[0] < blocks[1] <= n):
+            raise ValueError(f"sleep_blocks must be None (every block) or (start, stop) with "
+                             f"0 <= start < stop <= {n} (the number of blocks), got {config.sleep_blocks!r}")
+        config.sleep_blocks = blocks
+
+
+def check_rule_inputs(q, k, v, log_decay, beta, state, chunk_size):
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, T, H, Dk), got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1] if v.dim() == 4 else "Dv"
+    for name, x, shape in (("v", v, (B, T, H, Dv)), ("log_decay", log_decay, (B, T, H)), ("beta", beta, (B, T, H)),
+                           ("state", state, (B, H, Dk, Dv))):
+        if (x is not None or name != "state") and tuple(x.shape) != shape:
+            raise ValueError(f"{name} must be {shape}, got {tuple(x.shape)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None (per-token recurrence) or an int >= 1, got {chunk_size!r}")
+
+
+def check_tokens(name, x, vocab_size, like=None):
+    """idx (like=None) or targets (like=idx: its shape, and -1 allowed) as a (B, T) LongTensor of ids."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype != torch.long or x.shape[1] == 0:
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a (B, T) LongTensor with T >= 1, got {got}")
+    if like is not None and x.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of idx {tuple(like.shape)}, got {tuple(x.shape)}")
+    low, high = (int(v) for v in torch.stack([x.min(), x.max()]).tolist()) if x.numel() else (0, 0)
+    if low < (0 if like is None else -1) or high >= vocab_size:
+        allowed = ("" if like is None else "-1 (ignore) or ") + f"0..{vocab_size - 1}"
+        raise ValueError(f"{name} holds ids outside the vocabulary: allowed {allowed}, got min {low}, max {high}")
+
+
+def check_windows_line_up(no_answer, L, T):
+    """no_answer[w][b]: window w of row b has no answer. Every row must agree, and some window must answer."""
+    for w, rows in enumerate(no_answer):
+        if any(rows) != all(rows):
+            raise ValueError(f"targets: the window at {w * L}..{min(w * L + L, T) - 1} holds answers in some rows "
+                             f"but not in others; windows must line up across the batch")
+    if all(rows[0] for rows in no_answer):
+        raise ValueError("targets has no answer token (every entry is -1): nothing to predict")
+
+
+# -----------------------------------------------------------------------------
+# Fast paths: the same numbers as the code above, faster. Skip on first read. (train.py --compile
+# compiles SleepLM.process_window; its test compares it with eager: test_compiled_model_matches_eager_...)
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the torch.compile modes that replay CUDA graphs
+
+
+class CompiledSleepCache(SleepCache):
+    """SleepCache with its one-token wake step under torch.compile in compile_mode ("reduce-overhead": one
+    CUDA graph replay per token). For that every attention context is kept at exactly L - 1 entries,
+    padded in front with entries no query can see, so that all one-token steps have the same shapes.
+    The same logits as SleepCache (test_compiled_one_token_wake_has_static_shapes_and_matches_the_eager_cache).
+    Under eviction "none" there is no window to fix the shapes to: it is the eager cache.
+    """
+
+    def __init__(self, model, batch_size, *, compile_mode="default", **kwargs):
+        self.compile_mode = None                     # the eager cache until the compiled step exists
+        super().__init__(model, batch_size, **kwargs)
+        if self.eviction != "none":                  # one graph per batch size and model: raise dynamo's limit
+            self.compile_mode = compile_mode
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.compiled_step = torch.compile(self.eager_step, mode=compile_mode, fullgraph=True, dynamic=False)
+            self.reset()
+
+    def eager_step(self, idx, pos, context, S):
+        return SleepCache.wake_step(self, idx, pos, context, S)
+
+    def wake_step(self, idx, pos, context, S):
+        if not self.compile_mode or idx.shape[1] != 1:
+            return self.eager_step(idx, pos, context, S)
+        if self.compile_mode in CUDA_GRAPH_MODES:      # a new step: the replay overwrites its outputs,
+            torch.compiler.cudagraph_mark_step_begin()   # so they are cloned
+        return tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, self.compiled_step(idx, pos, context, S))
+
+    def fixed_context(self, context):
+        """Each attention context as its newest L - 1 entries, padded in front with zero entries at
+        position 2^40, which no query can see (later than every query)."""
+        if not self.compile_mode:
+            return context
+        fixed, M = [], self.window - 1
+        for block, ctx in zip(self.model.blocks, context):
+            if block.kind == "A":   # torch.cat: a new contiguous tensor, so the strides never change either
+                k, v, pos = ctx
+                pad, keep = max(M - len(pos), 0), len(pos) - min(M, len(pos))
+                ctx = (*(torch.cat([x.new_zeros(*x.shape[:2], pad, x.shape[3]), x[:, :, keep:]], 2) for x in (k, v)),
+                       torch.cat([pos.new_full((pad,), 2**40), pos[keep:]]))
+            fixed.append(ctx if block.kind == "A" else ctx.contiguous())
+        return fixed

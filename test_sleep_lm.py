@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import data
 import train
-from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
+from sleep_lm import CompiledSleepCache, SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
 
 # Parity tests run on every device here: exactly (float64) on the CPU; on CUDA in float32 and under
 # bf16 autocast. The local rule keeps its state math in float32 under autocast, so its bf16 tolerance
@@ -241,6 +241,28 @@ def test_sleep_passes_one_is_the_plain_hybrid_whatever_the_config_says(device, p
         plain, _ = tiny_model(sleep_passes=1, dtype=DTYPE[precision], device=device)(x)
         overridden, _ = tiny_model(sleep_passes=4, dtype=DTYPE[precision], device=device)(x, sleep_passes=1)
     assert_close(overridden, plain, *TOLERANCE[precision]["model"], what="config N=4 called with N=1 vs config N=1")
+
+
+def test_algorithm1_is_forward_with_the_default_options():
+    # SleepLM.algorithm1, the plain form a reader starts with, against forward (logits, loss, gradients):
+    # two consolidation windows, a prediction window with a gap in its answers, and a partial window.
+    model = tiny_model(sleep_passes=3, layers="AGAG")
+    x = tokens(3, 30)
+    y = torch.full_like(x, -1)
+    y[:, 16:24] = tokens(3, 8, seed=2)
+    y[:, 18] = -1
+    y[:, 28:] = tokens(3, 2, seed=3)
+    results = []
+    for run in (model.algorithm1, model):
+        model.zero_grad()
+        logits, loss = run(x, y)
+        loss.backward()
+        results.append((logits.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (logits, loss, grads), (expected_logits, expected_loss, expected_grads) = results
+    assert_close(logits, expected_logits, what="logits")
+    assert_close(loss, expected_loss, what="loss")
+    for g, expected in zip(grads, expected_grads):
+        assert_close(g, expected, what="gradients")
 
 
 def test_hard_eviction_hides_evicted_windows_from_attention_only_models():
@@ -506,7 +528,7 @@ def test_cache_holds_exactly_the_current_window_and_the_kept_context(eviction, s
 
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
 def test_compiled_one_token_wake_has_static_shapes_and_matches_the_eager_cache(eviction):
-    # SleepCache(compile_mode=...) keeps every attention context at L - 1 entries, so that all one-token
+    # CompiledSleepCache keeps every attention context at L - 1 entries, so that all one-token
     # wake steps share one graph: a backend that counts its compiles sees exactly one over three windows
     # (prefill, sleeps and evictions in between), and the logits equal the eager cache's.
     model = tiny_model(sleep_passes=2, eviction=eviction)
@@ -515,8 +537,8 @@ def test_compiled_one_token_wake_has_static_shapes_and_matches_the_eager_cache(e
     def counting_backend(graph_module, example_inputs):
         compiles.append(graph_module)
         return graph_module.forward
-    fast = SleepCache(model, 2, compile_mode="default")
-    fast.compiled_step = torch.compile(fast.wake_step, backend=counting_backend, fullgraph=True, dynamic=False)
+    fast = CompiledSleepCache(model, 2, compile_mode="default")
+    fast.compiled_step = torch.compile(fast.eager_step, backend=counting_backend, fullgraph=True, dynamic=False)
     x = tokens(2, 29)                                    # windows of 8: three sleeps and a partial window
     with torch.no_grad():
         eager = SleepCache(model, 2)
