@@ -7,7 +7,8 @@ bench.py: how fast sleep-lm is, both halves: sleep (training through N passes) a
 
 Prints one markdown table. Every time is the median of --repeats runs after a warm-up, and every
 ratio compares numbers measured in the same run, interleaved round by round so that background load
-hits both sides alike. Float32 (on CUDA the training steps run under bf16 autocast, as train.py). Nothing here is a test: timings are never asserted.
+hits both sides alike. Float32 (on CUDA the training steps run under bf16 autocast, as train.py).
+Nothing here is a test: timings are never asserted.
 On a CPU shared with other jobs, run with --threads=1 (or OMP_WAIT_POLICY=PASSIVE): two spinning
 OpenMP threads that must meet at every op stall whenever the scheduler parks one of them, and a run
 can then take 100x longer.
@@ -30,7 +31,8 @@ What is measured:
               window at N = 1, 4, 8: full backprop, truncated (bptt_passes=1), per-window checkpointing.
               CUDA: torch.cuda.max_memory_allocated; CPU: the allocation events recorded by
               torch.profiler(profile_memory=True), summed in time order; MPS: n/a.
-  5. compile  training steps under train.py --compile (each window under torch.compile) against eager (each mode of TIMED_COMPILE_MODES; "n/a" and why
+  5. compile  training steps under train.py --compile (each window under torch.compile) against eager
+              (each mode of TIMED_COMPILE_MODES; "n/a" and why
               where it fails): the Rule 110 cpu preset's model at N = 1 and 4, on CUDA also the paper
               presets (Rule 110 N = 1, 4; Depo N = 4); and the local rule at the rule section's largest T.
   6. paper    one training step of the Rule 110 and Depo paper presets (AGAG d=256, 4 heads, batch 512 /
@@ -81,7 +83,8 @@ SIZES = {
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 WAKE_POSITIONS = (1, 4, 16, 64)   # decode at positions L, 4L, 16L, 64L
 MEMORY_PASSES = (1, 4, 8)         # N for the peak-memory rows
-TIMED_COMPILE_MODES = {"cuda": ("default", "reduce-overhead"), "cpu": ("default",), "mps": ("default",)}   # train.py --compile_mode
+# train.py --compile_mode values timed per device
+TIMED_COMPILE_MODES = {"cuda": ("default", "reduce-overhead"), "cpu": ("default",), "mps": ("default",)}
 SECTIONS = ("rule", "train", "wake", "memory", "compile", "paper")
 
 # -----------------------------------------------------------------------------
@@ -353,7 +356,8 @@ def bench_paper(sizes, device, repeats, peak):
                  for n in (1, 4)}
         t = median_times(steps, device, repeats, warmup=2)
         layout = (f"{name} paper preset, B={B} T={task.seq_len} L={task.window} "
-                  f"({consolidated} consolidated + {predicted} predicted tokens), {PAPER_MODEL['layers']} d={PAPER_MODEL['n_embd']}")
+                  f"({consolidated} consolidated + {predicted} predicted tokens), "
+                  f"{PAPER_MODEL['layers']} d={PAPER_MODEL['n_embd']}")
         rows += train_rows("paper", layout, steps, t, consolidated, predicted, B * task.seq_len, peak, passes=(1, 4))
     return rows
 
@@ -389,10 +393,12 @@ def bench_wake(sizes, device, repeats):
                 setting = f"{name}, L={L} B={B}: one token at position {position}"
                 if kind == "eager":
                     rows.append(row("wake", setting, t[kind, multiple] * 1e3, "ms", t[kind, multiple] / t[kind, 1],
-                                    "/ position L", ("<=", 1.15) if eviction == "hard" and multiple == WAKE_POSITIONS[-1] else None))
+                                    "/ position L",
+                                    ("<=", 1.15) if eviction == "hard" and multiple == WAKE_POSITIONS[-1] else None))
                 else:
-                    rows.append(row("wake", f"{setting}, CompiledSleepCache(compile_mode={mode!r})", t[kind, multiple] * 1e3,
-                                    "ms", t["eager", multiple] / t[kind, multiple], "eager / compiled"))
+                    rows.append(row("wake", f"{setting}, CompiledSleepCache(compile_mode={mode!r})",
+                                    t[kind, multiple] * 1e3, "ms", t["eager", multiple] / t[kind, multiple],
+                                    "eager / compiled"))
         if eviction == "hard":   # one sleep: N passes over a full window, i.e. feed L tokens at a window boundary
             cache = SleepCache(model, B)
             windows = iter(torch.randint(0, vocab_size, (repeats + 1, B, L), device=device))
@@ -499,7 +505,8 @@ def bench_compile(sizes, device, repeats, peak):
                 failed[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
         t = median_times(steps, device, repeats, warmup=2)
         flops = eager.flops()
-        rows.append(row("compile", f"{setting}, eager", t["eager"] * 1e3, "ms", tokens_per_s=B * task.seq_len / t["eager"],
+        rows.append(row("compile", f"{setting}, eager", t["eager"] * 1e3, "ms",
+                        tokens_per_s=B * task.seq_len / t["eager"],
                         mfu=flops / t["eager"] / peak if peak else None))
         for mode in TIMED_COMPILE_MODES[device.type]:
             label = f"{setting}, --compile --compile_mode={mode}"
@@ -626,7 +633,8 @@ def main():
             r["met"] = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     header = (f"sleep-lm bench{' (--quick)' if args.quick else ''}: device {name}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, {'bf16 autocast in training rows' if device.type == 'cuda' else 'float32'}, "
+              f"{torch.get_num_threads()} threads, "
+              f"{'bf16 autocast in training rows' if device.type == 'cuda' else 'float32'}, "
               f"median of {repeats}, peak {peak / 1e12 if peak else 'n/a'} TFLOP/s, {wall:.0f} s")
     print_table(rows, header)
     if args.json:

@@ -626,8 +626,9 @@ class Math(Task):
                 f"must be <= {pool} for the realistic rendering")
         lengths = self._statement_lengths()
         longest = max(lengths[kind] for kind in OPERATIONS)
+        sizes = " ".join(f"{k}={v}" for k, v in self.REALISTIC_CPU.items())
         hint = (" (realistic statements are about 3x longer than symbolic ones; at the cpu preset give "
-                + " ".join(f"{k}={v}" for k, v in self.REALISTIC_CPU.items()) + ")") if p["rendering"] == "realistic" else ""
+                f"{sizes})") if p["rendering"] == "realistic" else ""
         require(p["max_tokens"] >= p["min_tokens"] + longest, "max_tokens", p["max_tokens"],
                 f"must be >= min_tokens + {longest} (the longest statement){hint}")
         require(p["quantities"] * lengths["const"] >= p["max_tokens"], "quantities", p["quantities"],
@@ -798,7 +799,8 @@ def measure_speed(task, batch_size, steps=5):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Show decoded examples of a task, or time its generation.")
     parser.add_argument("task", choices=sorted(TASKS))
-    parser.add_argument("overrides", nargs="*", help="parameter overrides as key=value or --key=value, e.g. rendering=realistic")
+    parser.add_argument("overrides", nargs="*",
+                        help="parameter overrides as key=value or --key=value, e.g. rendering=realistic")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--examples", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)

@@ -1292,7 +1292,7 @@ def test_resume_and_eval_only_take_the_runs_settings_from_the_checkpoint(tmp_pat
     first, done = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--task=depo", "--seed=3", "--batch_size=6", "--device=cpu",
                                        "--learning_rate=0.01", "--curriculum_iters=2"])
     cfg, overrides = train.parse_args([f"--out_dir={tmp_path}", "--resume", "--max_iters=6"])   # nothing else given
-    assert dataclasses.replace(cfg, max_iters=4, resume=False, device="cpu") == first
+    assert dataclasses.replace(cfg, max_iters=4, resume=False, device="cpu", parallel=1) == first
     assert overrides == done["task"]
     extended = train.train(cfg, overrides, log=lambda *a: None)
     assert len(extended["losses"]) == 6 and extended["losses"][:4] == done["losses"]

@@ -58,23 +58,23 @@ from sleep_lm import CUDA_GRAPH_MODES, SleepLM, SleepLMConfig
 @dataclass
 class TrainConfig:
     task: str = "rule110"            # rule110, depo or math
-    preset: str = "cpu"              # cpu (minutes on a laptop CPU), gpu (minutes on one GPU; rule110, depo) or paper (the paper's scale)
+    preset: str = "cpu"              # cpu (a laptop CPU, minutes), gpu (one GPU; rule110, depo), paper (paper scale)
     seed: int = 0                    # model init and data order
     # model
     n_embd: int = 64                 # model width
     n_head: int = 2                  # heads of every attention and GDN mixer
     layers: str = "AGAG"             # one letter per block: A causal attention, G Gated DeltaNet
-    layer_repeat: int = 1            # repeat the layer pattern (--sleep_passes=1 --layer_repeat=4: the compute-matched baseline)
+    layer_repeat: int = 1            # repeat the layers (with --sleep_passes=1: the compute-matched baseline)
     sleep_passes: int = 4            # N, passes over each full window (1 = no sleep); the window L is the task's
-    sleep_blocks: str = ""           # start:stop, the blocks that sleep passes 2..N run (wake runs all); "" = every block
-    eviction: str = "hard"           # what crosses a window boundary: hard (only S), sliding (S + the last L-1 tokens), none (no windows)
-    bptt_passes: int = 0             # 0 = full backprop; K = backprop through the last K passes (straight through the others)
+    sleep_blocks: str = ""           # start:stop, the blocks that passes 2..N run (wake runs all); "" = every block
+    eviction: str = "hard"           # what crosses a window: hard (S), sliding (S + last L-1 tokens), none (no windows)
+    bptt_passes: int = 0             # 0 = full backprop; K = through the last K passes (straight through the others)
     checkpoint_windows: bool = False  # recompute each window's passes in backward: less memory, more time
     input_injection: bool = False    # add the embeddings before every sleep pass (not in Algorithm 1)
     # training levers (see the README's "Making sleep pay off at small scale")
-    train_sleep_passes: str = ""     # comma list: draw N per step from it (seeded by step); saved and evaluated at the largest
-    curriculum_iters: int = 0        # raise the hardest training level linearly from the easiest to the hardest over these steps
-    ssm_warmup_iters: int = 0        # the first K steps train only the G blocks, under hard eviction (the paper's sec. 6.4)
+    train_sleep_passes: str = ""     # comma list: N drawn per step from it (seeded); saved and evaluated at the largest
+    curriculum_iters: int = 0        # raise the hardest training level from the easiest to the hardest over these steps
+    ssm_warmup_iters: int = 0        # the first K steps train only the G blocks, under hard eviction (paper sec. 6.4)
     init_from: str = ""              # a run folder: start from the weights of its ckpt.pt (not its optimiser or step)
     # optimisation
     optimizer: str = "muon"          # muon (hidden matrices) + adamw (the rest), or adamw for everything
@@ -99,21 +99,13 @@ class TrainConfig:
     resume: bool = False             # continue the run in out_dir with the checkpoint's settings
     sweep: str = ""                  # comma list of N: one model per N (and seed), then a results table
     seeds: str = ""                  # comma list of seeds for --sweep; "" = just --seed
-    parallel: int = 0                # --sweep: runs trained at once, each its own process; 0 = one per CPU core (GPU: 1)
+    parallel: int = 0                # --sweep: runs trained at once, one process each; 0 = one per CPU core (GPU: 1)
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda or mps
-    threads: int = 0                 # CPU threads per training process; 0 = 1 (more stall when other work holds the cores)
+    threads: int = 0                 # CPU threads per training process; 0 = 1 (more stall when other work holds a core)
     compile: bool = False            # torch.compile the model for training (its window loop is one graph)
-    compile_mode: str = "default"    # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs
-    num_workers: int = -1            # processes that make batches ahead of the step; 0 = in the loop; -1 = 4 on CUDA, else 0
+    compile_mode: str = "default"    # default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs
+    num_workers: int = -1            # processes making batches ahead; 0 = in the loop; -1 = 4 on CUDA, else 0
 
-
-# Settings that say how to run, not what is trained: they stay out of run names, and --resume or
-# --eval_only may change them (and max_iters, upwards, to extend a run).
-RUN_CONTROL = ("out_dir", "resume", "eval_only", "sweep", "seeds", "parallel", "device", "threads", "compile",
-               "compile_mode", "num_workers", "gradient_accumulation_steps", "eval_interval", "eval_examples", "eval_batch_size",
-               "eval_sleep_passes", "log_interval")
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 PRESETS = {
     # A laptop CPU: at most about 20 minutes per run on 2 cores (README, Results).
@@ -122,7 +114,7 @@ PRESETS = {
     ("depo", "cpu"): dict(n_embd=64, n_head=2, layers="AG", batch_size=64, max_iters=3000, eval_interval=500),
     ("math", "cpu"): dict(n_embd=64, n_head=2, layers="AG", batch_size=64, max_iters=3000, eval_interval=500),
     # One GPU, minutes: the paper's layouts (data.py's gpu presets) with a 4-layer AGAG model, d = 128,
-    # head size 64, for the N = 1 / 2 / 4 sweeps of scripts/gpu_sweep.sh (README, "Running on a GPU"). Rule 110 and Depo.
+    # head size 64, for the N = 1 / 2 / 4 sweeps of scripts/gpu_sweep.sh (docs/gpu.md). Rule 110 and Depo.
     ("rule110", "gpu"): dict(n_embd=128, n_head=2, batch_size=256, max_iters=3000, eval_interval=500,
                              eval_examples=1024),
     ("depo", "gpu"): dict(n_embd=128, n_head=2, batch_size=128, max_iters=3000, eval_interval=500,
@@ -138,8 +130,303 @@ PRESETS = {
                             log_interval=20, checkpoint_windows=True, gradient_accumulation_steps=4),
 }
 
+
 # -----------------------------------------------------------------------------
-# Settings from the command line.
+# Model, optimizers and schedule.
+
+
+def build_model(cfg, task):
+    config = SleepLMConfig(
+        vocab_size=task.vocab_size, n_embd=cfg.n_embd, n_head=cfg.n_head, layers=cfg.layers * cfg.layer_repeat,
+        window=task.window, sleep_passes=cfg.sleep_passes, eviction=cfg.eviction,
+        bptt_passes=cfg.bptt_passes or None, checkpoint_windows=cfg.checkpoint_windows,
+        input_injection=cfg.input_injection, sleep_blocks=block_slice(cfg.sleep_blocks))
+    return SleepLM(config)
+
+
+def configure_optimizers(model, learning_rate, adamw_lr, weight_decay=0.0, betas=(0.9, 0.95), optimizer="muon"):
+    """Muon for the 2-D hidden matrices (the paper's optimiser); AdamW for the embedding, the head,
+    norm gains, the GDN gates (a_proj, b_proj, A_log, dt_bias) and conv weights. Weight decay applies
+    to matrices only. optimizer="adamw": AdamW at learning_rate for the matrices too. Returns a list
+    of optimizers (stepped together)."""
+    if optimizer not in ("muon", "adamw"):
+        raise ValueError(f"--optimizer must be one of muon, adamw, got {optimizer!r}")
+    matrices, others = [], []
+    for name, p in model.named_parameters():
+        is_gate = name.endswith(("a_proj.weight", "b_proj.weight"))
+        (matrices if name.startswith("blocks.") and p.dim() == 2 and not is_gate else others).append(p)
+    adamw_groups = [{"params": others, "lr": adamw_lr, "weight_decay": 0.0}]
+    if optimizer == "adamw":
+        adamw_groups.append({"params": matrices, "lr": learning_rate, "weight_decay": weight_decay})
+        return [torch.optim.AdamW(adamw_groups, betas=betas)]
+    muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    return [muon, torch.optim.AdamW(adamw_groups, betas=betas)]
+
+
+def lr_multiplier(step, cfg):
+    """Linear warm-up, then cosine decay to min_lr_frac."""
+    if step < cfg.warmup_iters:
+        return (step + 1) / cfg.warmup_iters
+    progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def training_levels(step, cfg, task):
+    """The difficulty levels of step's batch: all of them, or under a curriculum the easiest up to a
+    cap that rises linearly over curriculum_iters steps."""
+    levels = task.train_levels
+    if step >= cfg.curriculum_iters:
+        return levels
+    cap = levels[0] + (levels[-1] - levels[0]) * step / cfg.curriculum_iters
+    return [lv for lv in levels if lv <= cap]
+
+
+def step_sleep_passes(step, cfg, choices):
+    """N for this training step: fixed, or drawn from choices by a generator seeded with (seed, step)."""
+    if not choices:
+        return cfg.sleep_passes
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return choices[torch.randint(len(choices), (1,), generator=g).item()]
+
+
+# -----------------------------------------------------------------------------
+# Batches: a pure function of (seed, step), made in the loop or ahead by worker processes.
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step` is this process's slice of that step's training batch, plus the number of answer
+    tokens in the whole batch (it weights each micro-batch's mean loss). A pure function of
+    (seed, step), so DataLoader workers can make batches ahead and a resumed run gets the same ones."""
+
+    def __init__(self, task, cfg, rank=0, world_size=1):
+        self.task, self.cfg, self.rank, self.per_rank = task, cfg, rank, cfg.batch_size // world_size
+
+    def __len__(self):
+        return self.cfg.max_iters
+
+    def __getitem__(self, step):
+        idx, targets, _ = self.task.train_batch(self.cfg.batch_size, step, seed=self.cfg.seed,
+                                                levels=training_levels(step, self.cfg, self.task))
+        mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+        return idx[mine], targets[mine], int((targets >= 0).sum())
+
+
+def step_batches(dataset, start, num_workers, pin_memory):
+    """Batches of steps start, start + 1, ... in order: made in the loop, or ahead by worker processes."""
+    if num_workers == 0:
+        return (dataset[step] for step in range(start, len(dataset)))
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
+                                            num_workers=num_workers, pin_memory=pin_memory,
+                                            worker_init_fn=one_thread))
+
+
+# -----------------------------------------------------------------------------
+# Evaluation.
+
+
+@torch.no_grad()
+def evaluate(model, task, eval_data, batch_size, device, sleep_passes):
+    """Accuracy on the fixed evaluation sets eval_data = {level: (idx, targets, _)}, per level.
+
+    Returns {level: {"item": fraction of answers right, "exact": fraction of examples all right}}.
+    A multi-token answer counts as right only when all its tokens are.
+    """
+    model.eval()
+    results = {}
+    for level, (idx, targets, _) in eval_data.items():
+        right = []
+        for i in range(0, len(idx), batch_size):
+            x, y = idx[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
+            with autocast(device):
+                logits, _ = model(x, y, sleep_passes=sleep_passes)
+            right.append(task.score(logits.argmax(-1).cpu(), y.cpu()))
+        right = torch.cat(right)                                  # (examples, items)
+        results[level] = {"item": right.float().mean().item(), "exact": right.all(1).float().mean().item()}
+    model.train()
+    return results
+
+
+def format_eval(task, results):
+    return " | ".join(f"{task.level_name}={level} {r[task.metric]:.3f}" for level, r in results.items())
+
+
+# -----------------------------------------------------------------------------
+# One training step, and the loop.
+
+
+def train_step(model_for_step, model, optimizers, batch, step, cfg, world_size, frozen, sleep_choices):
+    """One update on the global batch: set the learning rate, forward and backward each micro-batch (its
+    mean loss weighted by its share of the batch's answer tokens), clip, check for NaN, step the optimizers.
+    Returns the batch's loss and the gradient norm before clipping, as floats."""
+    device = next(model.parameters()).device
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["peak_lr"] * lr_multiplier(step, cfg)
+        opt.zero_grad(set_to_none=True)
+    idx, targets, batch_answers = batch
+    accumulation = cfg.gradient_accumulation_steps
+    micro = idx.shape[0] // accumulation
+    warming_up = step < cfg.ssm_warmup_iters
+    loss_sum = torch.zeros((), device=device)
+    for m in range(accumulation):
+        x, y = (t[m * micro:(m + 1) * micro].to(device, non_blocking=True) for t in (idx, targets))
+        share = int((targets[m * micro:(m + 1) * micro] >= 0).sum()) / batch_answers   # of the global batch's answers
+        sync = m == accumulation - 1 or world_size == 1          # DDP all-reduces gradients on the last micro-step
+        if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()            # a new forward: earlier outputs are consumed
+        with nullcontext() if sync else model_for_step.no_sync():
+            with autocast(device.type):
+                _, loss = model_for_step(x, y, sleep_passes=step_sleep_passes(step, cfg, sleep_choices),
+                                         eviction="hard" if warming_up else None)
+            (loss * share * world_size).backward()               # DDP averages over processes
+        loss_sum += loss.detach() * share
+    if world_size > 1:
+        dist.all_reduce(loss_sum)                                 # the loss of the whole global batch
+    if warming_up:
+        for p in frozen:
+            p.grad = None                                         # optimizers skip parameters without grad
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    loss, grad_norm = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()   # one device sync for both
+    for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"{name} is {value} at step {step}: training stopped before the update")
+    for opt in optimizers:
+        opt.step()
+    return loss, grad_norm
+
+
+def train(cfg, task_overrides, log=print, later_steps=None):
+    """Train one model; returns a dict with the config, per-step losses, eval history and final eval.
+    In a sweep, later_steps is the work of the runs still to come, in steps of this run (for the eta).
+    Ctrl-C stops after the current step, saves a checkpoint and raises Interrupted."""
+    rank, world_size, device = distributed(pick_device(cfg.device))
+    if rank != 0:
+        log = lambda *a: None            # noqa: E731 (only rank 0 logs, evaluates and checkpoints)
+    if device == "cpu":
+        torch.set_flush_denormal(True)   # exp-decay products go denormal; they made a step ~20x slower
+        torch.set_num_threads(cfg.threads or 1)   # torch's one per core: 25x slower steps when the cores are busy
+    run = start_or_resume(cfg, task_overrides, device, log)   # model, task, optimizers, step, ... (or a checkpoint's)
+    task, model, optimizers = run["task"], run["model"], run["optimizers"]
+    eval_passes = int_list(cfg.eval_sleep_passes, "eval_sleep_passes") or [model.config.sleep_passes]
+    eval_data = {}
+
+    def run_eval():
+        if not eval_data:   # made once: the evaluation sets are fixed
+            eval_data.update({lv: task.eval_set(lv, cfg.eval_examples, seed=cfg.seed) for lv in task.levels})
+        evals = {n: evaluate(model, task, eval_data, cfg.eval_batch_size, device, n) for n in eval_passes}
+        for n, res in evals.items():
+            log(f"eval step {run['step']} N={n} | {format_eval(task, res)}")
+        return evals
+
+    if cfg.eval_only:
+        return summary(cfg, run, final=run_eval())
+    model_for_step = for_training(model, cfg, device, world_size)   # compiled and/or DDP-wrapped, or the model
+    frozen = [p for name, p in model.named_parameters()              # no update during --ssm_warmup_iters
+              if not (name.startswith("blocks.") and model.blocks[int(name.split(".")[1])].kind == "G")]
+    workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if device.startswith("cuda") else 0)
+    batches = step_batches(StepBatches(task, cfg, rank, world_size), run["step"], workers,
+                           pin_memory=device.startswith("cuda"))
+    sleep_choices = int_list(cfg.train_sleep_passes, "train_sleep_passes")
+    logged = (run["step"], run["elapsed"])
+    with stop_on_ctrl_c() if world_size == 1 else nullcontext(StopRequest()) as stop:
+        while run["step"] < cfg.max_iters:
+            t0 = time.time()
+            try:
+                loss, grad_norm = train_step(model_for_step, model, optimizers, next(batches), run["step"], cfg,
+                                             world_size, frozen, sleep_choices)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"{e}. The last good checkpoint (if any) is {run['path']}; try a lower "
+                                    f"learning rate or more warm-up.") from None
+            run["losses"].append(loss)
+            run["step"] += 1
+            run["elapsed"] += time.time() - t0
+            step = run["step"]
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                log(progress_line(run, cfg, task, logged, grad_norm, later_steps, device))
+                logged = (step, run["elapsed"])
+            evaluated = rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_iters)
+            if evaluated:
+                evals = run_eval()
+                run["history"].append(dict(step=step, elapsed=run["elapsed"],
+                                           eval={str(n): r for n, r in evals.items()}))
+                save_run(run, cfg)
+            if stop.requested:
+                if not evaluated:
+                    save_run(run, cfg)
+                raise Interrupted(f"stopped at step {step}/{cfg.max_iters}; saved {run['path']}")
+    final = run["history"][-1]["eval"] if run["history"] else {}
+    return summary(cfg, run, final={int(n): r for n, r in final.items()})
+
+
+def progress_line(run, cfg, task, logged, grad_norm, later_steps, device):
+    """step, loss, gradient norm, learning rate, ms/step and tokens/s since the last line, eta."""
+    step, elapsed = run["step"], run["elapsed"]
+    ms = (elapsed - logged[1]) * 1000 / (step - logged[0])
+    eta = (cfg.max_iters - step) * elapsed / step
+    eta = f"{eta / 60:.1f} min" + (f" | sweep eta {(eta + later_steps * elapsed / step) / 60:.1f} min"
+                                   if later_steps is not None else "")
+    memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device.startswith("cuda") else ""
+    return (f"step {step}/{cfg.max_iters} ({100 * step / cfg.max_iters:.0f}%) | loss {run['losses'][-1]:.4f} "
+            f"| grad norm {grad_norm:.4g} | lr {run['optimizers'][0].param_groups[0]['lr']:.2e} "
+            f"| {ms:.0f} ms/step | {cfg.batch_size * task.seq_len * 1000 / ms:,.0f} tok/s{memory} | eta {eta}")
+
+
+def main(argv):
+    sys.stdout.reconfigure(line_buffering=True)   # each line as it is printed, also into a file or a pipe
+    if "-h" in argv or "--help" in argv:
+        try:
+            print(help_text(argv))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        return
+    try:
+        cfg, task_overrides = parse_args(argv)
+        # Check the whole configuration (model and task) before any work starts.
+        build_model(cfg, make_task(cfg.task, preset=cfg.preset, **task_overrides))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        per_run = {"sleep_passes", "seed"} if cfg.sweep else set()   # a sweep sets them per run
+        changed = changed_settings(cfg, task_overrides, skip={"task", "preset", "out_dir", *per_run})
+        flags = [f"--{k}" if v is True else f"--{k}={flag_text(v)}" for k, v in changed]
+        print(f"{cfg.task}, {cfg.preset} preset; changed: {' '.join(flags) or 'nothing'} (--help lists every setting)")
+    try:
+        if cfg.sweep:
+            sweep(cfg, task_overrides)
+        else:
+            train(cfg, task_overrides)
+            if not cfg.eval_only and int(os.environ.get("RANK", 0)) == 0:
+                print(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')} (evaluate at other N: python train.py "
+                      f"--out_dir={cfg.out_dir} --eval_only --eval_sleep_passes=1,2,4,8)")
+    except Interrupted as e:
+        again = argv if cfg.sweep or "--resume" in argv else argv + ["--resume"]
+        print(f"{e}. To continue: python train.py {shlex.join(again)}")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit("stopped at once (a second Ctrl-C): nothing saved since the last checkpoint")
+    except (NonFiniteLoss, ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# =============================================================================
+# Plumbing: the command line, run names, checkpoints and resume rules, help, Ctrl-C, several GPUs and
+# compile, sweeps and side-by-side runs, plots. A first reading can stop here.
+
+
+RUN_CONTROL = ("out_dir", "resume", "eval_only", "sweep", "seeds", "parallel", "device", "threads", "compile",
+               "compile_mode", "num_workers", "gradient_accumulation_steps", "eval_interval", "eval_examples",
+               "eval_batch_size",
+               "eval_sleep_passes", "log_interval")
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+# -----------------------------------------------------------------------------
+# The command line.
 
 
 def _convert(key, text, default):
@@ -201,129 +488,6 @@ def parse_args(argv):
     if cfg.resume or cfg.eval_only:
         cfg, overrides = restore_run(cfg, overrides, given=set(pairs))
     return cfg, overrides
-
-
-def nothing_sleeps(cfg):
-    """True when N cannot change the model: --eviction=none has no windows, and under hard eviction
-    only S crosses a window, so sleep passes over blocks without a G block (no S) leave no trace.
-    (Under sliding eviction the kept attention context comes from the last pass, so N matters.)"""
-    looped = (cfg.layers * cfg.layer_repeat)[slice(*(block_slice(cfg.sleep_blocks) or (None,)))]
-    return cfg.eviction == "none" or (cfg.eviction == "hard" and "G" not in looped)
-
-
-def effective_sleep_passes(cfg, explicit):
-    """The N the model is saved, named and evaluated at: with --train_sleep_passes the largest trained N;
-    1 when nothing sleeps (see nothing_sleeps)."""
-    n = cfg.sleep_passes
-    choices = int_list(cfg.train_sleep_passes, "train_sleep_passes")
-    if choices:
-        if explicit and n not in choices:
-            raise ValueError(f"--sleep_passes={n} is not among --train_sleep_passes={cfg.train_sleep_passes}: the model "
-                             f"is saved and evaluated at a trained N (by default the largest, {max(choices)})")
-        n = n if explicit else max(choices)
-    return 1 if nothing_sleeps(cfg) else n
-
-
-def changed_settings(cfg, task_overrides, skip=()):
-    """[(key, value)] of every setting, then every task parameter, that differs from the preset's."""
-    defaults = preset_settings(cfg.task, cfg.preset)
-    task_defaults = make_task(cfg.task, preset=cfg.preset).params
-    changed = [(k, v) for k, v in dataclasses.asdict(cfg).items() if k not in skip and v != defaults[k]]
-    return changed + sorted((k, v) for k, v in task_overrides.items() if v != task_defaults[k])
-
-
-def run_name(cfg, task_overrides, sweep=False):
-    """N4_seed0 (a sweep: "sweep"), then every training setting that differs from the preset's, e.g.
-    N1_seed0_layers=AA_max_iters=13000: runs with different settings never share a folder."""
-    changed = changed_settings(cfg, task_overrides, skip={"task", "preset", "sleep_passes", "seed", *RUN_CONTROL})
-    text = "_".join(f"{k}={flag_text(v)}" for k, v in changed)
-    head = "sweep" if sweep else f"N{cfg.sleep_passes}_seed{cfg.seed}"
-    return re.sub(r"[^\w=,.+-]", "-", f"{head}_{text}" if text else head)
-
-
-def flag_text(value):
-    """A setting's value as --key=value writes it: (1, 2) -> "1,2"."""
-    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-
-
-def load_checkpoint(path):
-    """A checkpoint as a dict (tensors on the CPU), or a ValueError that names the file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: give the flags the run was started with (they name "
-                                f"its folder) or its --out_dir")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:   # truncated, not a checkpoint, or from an incompatible version
-        raise ValueError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); it may be truncated "
-                         f"or not a train.py checkpoint") from None
-
-
-def saved_config(ckpt):
-    """The TrainConfig a checkpoint was written with (fields added since take their defaults)."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
-
-
-def saved_model_config(ckpt):
-    """The SleepLMConfig a checkpoint was written with (fields added since take their defaults)."""
-    return SleepLMConfig(**{f.name: ckpt["model_config"].get(f.name, f.default)
-                            for f in dataclasses.fields(SleepLMConfig)})
-
-
-def load_run(out_dir, device="cpu"):
-    """A trained run in one call: (its model in eval mode, its task with the run's parameters).
-
-        model, task = load_run("out/rule110-cpu/sweep/N4_seed0")
-    """
-    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-    model = SleepLM(saved_model_config(ckpt))
-    model.load_state_dict(ckpt["model"])
-    task = make_task(ckpt["config"]["task"], preset=ckpt["config"]["preset"], **ckpt["task"])
-    return model.to(device).eval(), task
-
-
-def restore_run(cfg, overrides, given):
-    """--resume / --eval_only continue the run saved in cfg.out_dir with the checkpoint's own settings.
-    Only run-control flags (RUN_CONTROL) and a larger --max_iters may change; any other flag given on
-    the command line that differs from the checkpoint is refused."""
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path)
-    saved = saved_config(ckpt)
-    may_change = set(RUN_CONTROL) | {"max_iters"}
-    differ = [f"--{k}={getattr(cfg, k)} (checkpoint: {getattr(saved, k)})" for k in sorted(given)
-              if k not in may_change and hasattr(saved, k) and getattr(cfg, k) != getattr(saved, k)]
-    differ += [f"--{k}={v} (checkpoint: {ckpt['task'].get(k)})" for k, v in overrides.items() if ckpt["task"].get(k) != v]
-    if differ:
-        raise ValueError(f"--{'resume' if cfg.resume else 'eval_only'} takes the run's settings from {path}; these "
-                         f"flags differ from it: {', '.join(differ)}. Only {', '.join(sorted(may_change))} may change "
-                         f"(start a new run in another --out_dir, or --init_from={cfg.out_dir} to start from its weights)")
-    # the machine's settings come from this command line (its defaults if not given), the rest of
-    # the run control from the checkpoint unless given
-    here = ("out_dir", "resume", "eval_only", "device", "threads", "num_workers", "compile", "compile_mode", "parallel")
-    keep = {k: getattr(cfg, k) for k in may_change if k in given or k in here}
-    cfg = dataclasses.replace(saved, **keep)
-    if cfg.resume and cfg.max_iters < saved.max_iters:
-        raise ValueError(f"--max_iters={cfg.max_iters} is below the run's {saved.max_iters}: a resumed run can "
-                         f"only be extended")
-    check_config(cfg)
-    return cfg, dict(ckpt["task"])
-
-
-def help_text(argv):
-    """Every setting with its default (for the --task and --preset in argv) and meaning, then the
-    task's parameters; the meanings are the comments in TrainConfig."""
-    pairs = dict(arg[2:].partition("=")[::2] for arg in argv if arg.startswith("--"))
-    task_name, preset = pairs.get("task", "rule110"), pairs.get("preset", "cpu")
-    settings = preset_settings(task_name, preset)
-    meaning = dict(re.findall(r"^    (\w+): [^=]+= .*?  # (.*)$", inspect.getsource(TrainConfig), re.M))
-    lines = [__doc__.strip().splitlines()[0], "", f"usage: python train.py [--key=value ...]   "
-             f"(defaults below for --task={task_name} --preset={preset}; give those flags to see another preset's)", ""]
-    lines += [f"  --{k}={v}".ljust(34) + f" {meaning.get(k, '')}" for k, v in settings.items()]
-    task = make_task(task_name, preset=preset)
-    lines += ["", f"parameters of task {task_name} (preset {preset}), also --key=value; "
-              f"see `python data.py {task_name} --preset={preset}`:"]
-    lines += [f"  --{k}={flag_text(v)}" for k, v in task.params.items()]
-    return "\n".join(lines)
 
 
 def check_config(cfg):
@@ -393,10 +557,6 @@ def pick_device(name):
     return name
 
 
-# -----------------------------------------------------------------------------
-# Model, schedule, evaluation, checkpoints.
-
-
 def block_slice(text):
     """--sleep_blocks: "" -> None (every block), "1:3" -> (1, 3)."""
     if not text:
@@ -407,103 +567,166 @@ def block_slice(text):
     return int(start), int(stop)
 
 
-def build_model(cfg, task):
-    config = SleepLMConfig(
-        vocab_size=task.vocab_size, n_embd=cfg.n_embd, n_head=cfg.n_head, layers=cfg.layers * cfg.layer_repeat,
-        window=task.window, sleep_passes=cfg.sleep_passes, eviction=cfg.eviction,
-        bptt_passes=cfg.bptt_passes or None, checkpoint_windows=cfg.checkpoint_windows,
-        input_injection=cfg.input_injection, sleep_blocks=block_slice(cfg.sleep_blocks))
-    return SleepLM(config)
+def nothing_sleeps(cfg):
+    """True when N cannot change the model: --eviction=none has no windows, and under hard eviction
+    only S crosses a window, so sleep passes over blocks without a G block (no S) leave no trace.
+    (Under sliding eviction the kept attention context comes from the last pass, so N matters.)"""
+    looped = (cfg.layers * cfg.layer_repeat)[slice(*(block_slice(cfg.sleep_blocks) or (None,)))]
+    return cfg.eviction == "none" or (cfg.eviction == "hard" and "G" not in looped)
 
 
-def training_levels(step, cfg, task):
-    """The difficulty levels of step's batch: all of them, or under a curriculum the easiest up to a
-    cap that rises linearly over curriculum_iters steps."""
-    levels = task.train_levels
-    if step >= cfg.curriculum_iters:
-        return levels
-    cap = levels[0] + (levels[-1] - levels[0]) * step / cfg.curriculum_iters
-    return [lv for lv in levels if lv <= cap]
+def effective_sleep_passes(cfg, explicit):
+    """The N the model is saved, named and evaluated at: with --train_sleep_passes the largest trained N;
+    1 when nothing sleeps (see nothing_sleeps)."""
+    n = cfg.sleep_passes
+    choices = int_list(cfg.train_sleep_passes, "train_sleep_passes")
+    if choices:
+        if explicit and n not in choices:
+            raise ValueError(f"--sleep_passes={n} is not among --train_sleep_passes={cfg.train_sleep_passes}: "
+                             f"the model is saved and evaluated at a trained N (by default the largest, "
+                             f"{max(choices)})")
+        n = n if explicit else max(choices)
+    return 1 if nothing_sleeps(cfg) else n
 
 
-def step_sleep_passes(step, cfg, choices):
-    """N for this training step: fixed, or drawn from choices by a generator seeded with (seed, step)."""
-    if not choices:
-        return cfg.sleep_passes
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    return choices[torch.randint(len(choices), (1,), generator=g).item()]
+def help_text(argv):
+    """Every setting with its default (for the --task and --preset in argv) and meaning, then the
+    task's parameters; the meanings are the comments in TrainConfig."""
+    pairs = dict(arg[2:].partition("=")[::2] for arg in argv if arg.startswith("--"))
+    task_name, preset = pairs.get("task", "rule110"), pairs.get("preset", "cpu")
+    settings = preset_settings(task_name, preset)
+    meaning = dict(re.findall(r"^    (\w+): [^=]+= .*?  # (.*)$", inspect.getsource(TrainConfig), re.M))
+    lines = [__doc__.strip().splitlines()[0], "", f"usage: python train.py [--key=value ...]   "
+             f"(defaults below for --task={task_name} --preset={preset}; give those flags to see another preset's)", ""]
+    lines += [f"  --{k}={v}".ljust(34) + f" {meaning.get(k, '')}" for k, v in settings.items()]
+    task = make_task(task_name, preset=preset)
+    lines += ["", f"parameters of task {task_name} (preset {preset}), also --key=value; "
+              f"see `python data.py {task_name} --preset={preset}`:"]
+    lines += [f"  --{k}={flag_text(v)}" for k, v in task.params.items()]
+    return "\n".join(lines)
 
 
-def lr_multiplier(step, cfg):
-    """Linear warm-up, then cosine decay to min_lr_frac."""
-    if step < cfg.warmup_iters:
-        return (step + 1) / cfg.warmup_iters
-    progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
-    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+def changed_settings(cfg, task_overrides, skip=()):
+    """[(key, value)] of every setting, then every task parameter, that differs from the preset's."""
+    defaults = preset_settings(cfg.task, cfg.preset)
+    task_defaults = make_task(cfg.task, preset=cfg.preset).params
+    changed = [(k, v) for k, v in dataclasses.asdict(cfg).items() if k not in skip and v != defaults[k]]
+    return changed + sorted((k, v) for k, v in task_overrides.items() if v != task_defaults[k])
 
 
-@torch.no_grad()
-def evaluate(model, task, eval_data, batch_size, device, sleep_passes):
-    """Accuracy on the fixed evaluation sets eval_data = {level: (idx, targets, _)}, per level.
-
-    Returns {level: {"item": fraction of answers right, "exact": fraction of examples all right}}.
-    A multi-token answer counts as right only when all its tokens are.
-    """
-    model.eval()
-    results = {}
-    for level, (idx, targets, _) in eval_data.items():
-        right = []
-        for i in range(0, len(idx), batch_size):
-            x, y = idx[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
-            with autocast(device):
-                logits, _ = model(x, y, sleep_passes=sleep_passes)
-            right.append(task.score(logits.argmax(-1).cpu(), y.cpu()))
-        right = torch.cat(right)                                  # (examples, items)
-        results[level] = {"item": right.float().mean().item(), "exact": right.all(1).float().mean().item()}
-    model.train()
-    return results
+def run_name(cfg, task_overrides, sweep=False):
+    """N4_seed0 (a sweep: "sweep"), then every training setting that differs from the preset's, e.g.
+    N1_seed0_layers=AA_max_iters=13000: runs with different settings never share a folder."""
+    changed = changed_settings(cfg, task_overrides, skip={"task", "preset", "sleep_passes", "seed", *RUN_CONTROL})
+    text = "_".join(f"{k}={flag_text(v)}" for k, v in changed)
+    head = "sweep" if sweep else f"N{cfg.sleep_passes}_seed{cfg.seed}"
+    return re.sub(r"[^\w=,.+-]", "-", f"{head}_{text}" if text else head)
 
 
-def configure_optimizers(model, learning_rate, adamw_lr, weight_decay=0.0, betas=(0.9, 0.95), optimizer="muon"):
-    """Muon for the 2-D hidden matrices (the paper's optimiser); AdamW for the embedding, the head,
-    norm gains, the GDN gates (a_proj, b_proj, A_log, dt_bias) and conv weights. Weight decay applies
-    to matrices only. optimizer="adamw": AdamW at learning_rate for the matrices too. Returns a list
-    of optimizers (stepped together)."""
-    if optimizer not in ("muon", "adamw"):
-        raise ValueError(f"--optimizer must be one of muon, adamw, got {optimizer!r}")
-    matrices, others = [], []
-    for name, p in model.named_parameters():
-        is_gate = name.endswith(("a_proj.weight", "b_proj.weight"))
-        (matrices if name.startswith("blocks.") and p.dim() == 2 and not is_gate else others).append(p)
-    adamw_groups = [{"params": others, "lr": adamw_lr, "weight_decay": 0.0}]
-    if optimizer == "adamw":
-        adamw_groups.append({"params": matrices, "lr": learning_rate, "weight_decay": weight_decay})
-        return [torch.optim.AdamW(adamw_groups, betas=betas)]
-    muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    return [muon, torch.optim.AdamW(adamw_groups, betas=betas)]
+def flag_text(value):
+    """A setting's value as --key=value writes it: (1, 2) -> "1,2"."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
-def compiled_for_training(model, mode="default", backend="inductor"):
-    """--compile: a view of model (same parameters) whose process_window, one window's embedding, wake
-    pass and N - 1 sleep passes, runs under torch.compile as one graph. That is the unit that repeats:
-    one graph per kind of window (consolidation or prediction, per shape and N), reused by every window
-    of its kind, so compiling does not grow with the number of windows. Evaluation keeps the eager model."""
-    fast = copy.copy(model)   # shares the modules and parameters; only the attribute below differs
-    # each kind of window (first, later, prediction; each N) is a graph of its own, and with fullgraph
-    # going past the limit (8) is an error, not a fall-back to eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    fast.process_window = torch.compile(model.process_window, mode=mode, backend=backend, fullgraph=True,
-                                        dynamic=False)
-    return fast
+# -----------------------------------------------------------------------------
+# Checkpoints: start, resume, restore the settings, load a trained run.
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (the recurrent state stays float32 inside the model); float32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+def start_or_resume(cfg, task_overrides, device, log):
+    """The run's state: a new model and optimizers, or (--resume, --eval_only) the checkpoint's, with its
+    step, history, losses, elapsed time and RNG state. A new run refuses to overwrite a checkpoint."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = None
+    if cfg.resume or cfg.eval_only:
+        ckpt = load_checkpoint(path)
+        check_against_checkpoint(cfg, task_overrides, ckpt, path)
+        task_overrides = ckpt["task"]
+    elif os.path.exists(path):
+        raise ValueError(f"{path} already holds a run (step {load_checkpoint(path)['step']}): --resume continues "
+                         f"it (a larger --max_iters extends it), --eval_only evaluates it; or choose another --out_dir")
+    task = make_task(cfg.task, preset=cfg.preset, **task_overrides)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, task)
+    if ckpt is not None and model.config != saved_model_config(ckpt):
+        if cfg.resume:
+            raise ValueError(f"--resume with model settings that differ from the checkpoint's: {model.config} "
+                             f"(checkpoint: {saved_model_config(ckpt)})")
+        model = SleepLM(saved_model_config(ckpt))                 # --eval_only: the checkpoint's model
+    if cfg.init_from and ckpt is None:
+        load_weights(model, cfg.init_from)
+    model = model.to(device)
+    optimizers = configure_optimizers(model, cfg.learning_rate, cfg.adamw_lr, cfg.weight_decay, optimizer=cfg.optimizer)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["peak_lr"] = group["lr"]
+    run = dict(path=path, task=task, model=model, optimizers=optimizers, step=0, history=[], losses=[], elapsed=0.0)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        if cfg.resume:
+            for opt, state in zip(optimizers, ckpt["optimizers"]):
+                opt.load_state_dict(state)
+        run.update({k: ckpt[k] for k in ("step", "history", "losses", "elapsed")})
+        torch.set_rng_state(ckpt["rng_state"])
+        if device.startswith("cuda") and ckpt.get("cuda_rng_state") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng_state"])
+        log(f"loaded {path} at step {run['step']}")
+    world = f" x {dist.get_world_size()} processes" if dist.is_initialized() else ""
+    log(f"task {task.name} ({task.preset}) T={task.seq_len} L={model.config.window} vocab={task.vocab_size} "
+        f"| model {model.config.layers} d={model.config.n_embd} N={model.config.sleep_passes} "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M params | {device}{world}")
+    return run
 
 
-def format_eval(task, results):
-    return " | ".join(f"{task.level_name}={level} {r[task.metric]:.3f}" for level, r in results.items())
+def check_against_checkpoint(cfg, task_overrides, ckpt, path, given=None):
+    """The one place that compares settings with a checkpoint's: training settings and task parameters
+    must match (run control and a larger max_iters may differ). given: only these flags (the command line)."""
+    saved = dataclasses.asdict(saved_config(ckpt))
+    may_change = set(RUN_CONTROL) | {"max_iters"}
+    keys = [k for k in dataclasses.asdict(cfg) if given is None or k in given]
+    differ = [f"--{k}={getattr(cfg, k)} (checkpoint: {saved[k]})" for k in keys
+              if k not in may_change and k in saved and getattr(cfg, k) != saved[k]]
+    differ += [f"--{k}={v} (checkpoint: {ckpt['task'].get(k)})" for k, v in task_overrides.items()
+               if ckpt["task"].get(k) != v]
+    if differ:
+        raise ValueError(f"{path} holds another run; these settings differ from it: {', '.join(differ)}. Only "
+                         f"{', '.join(sorted(may_change))} may change (start a new run in another --out_dir, or "
+                         f"--init_from={os.path.dirname(path)} to start from its weights)")
+
+
+def save_run(run, cfg):
+    """The checkpoint: model, optimizers, settings, step, history, losses, RNG state; atomically."""
+    save_checkpoint(run["path"], model=run["model"].state_dict(),
+                    optimizers=[o.state_dict() for o in run["optimizers"]],
+                    config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(run["model"].config),
+                    task=run["task"].params, step=run["step"], history=run["history"], losses=run["losses"],
+                    elapsed=run["elapsed"], rng_state=torch.get_rng_state(),
+                    cuda_rng_state=torch.cuda.get_rng_state() if run["model"].lm_head.weight.is_cuda else None)
+
+
+def summary(cfg, run, final):
+    return dict(config=dataclasses.asdict(cfg), task=run["task"].params, losses=run["losses"], history=run["history"],
+                final=final, elapsed=run["elapsed"])
+
+
+def restore_run(cfg, overrides, given):
+    """--resume / --eval_only continue the run saved in cfg.out_dir with the checkpoint's own settings.
+    Only run-control flags (RUN_CONTROL) and a larger --max_iters may change; any other flag given on
+    the command line that differs from the checkpoint is refused."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    saved = saved_config(ckpt)
+    check_against_checkpoint(cfg, overrides, ckpt, path, given=given)
+    may_change = set(RUN_CONTROL) | {"max_iters"}
+    # the machine's settings come from this command line (its defaults if not given), the rest of
+    # the run control from the checkpoint unless given
+    here = ("out_dir", "resume", "eval_only", "device", "threads", "num_workers", "compile", "compile_mode", "parallel")
+    keep = {k: getattr(cfg, k) for k in may_change if k in given or k in here}
+    cfg = dataclasses.replace(saved, **keep)
+    if cfg.resume and cfg.max_iters < saved.max_iters:
+        raise ValueError(f"--max_iters={cfg.max_iters} is below the run's {saved.max_iters}: a resumed run can "
+                         f"only be extended")
+    check_config(cfg)
+    return cfg, dict(ckpt["task"])
 
 
 def save_checkpoint(path, **state):
@@ -512,6 +735,30 @@ def save_checkpoint(path, **state):
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint as a dict (tensors on the CPU), or a ValueError that names the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: give the flags the run was started with (they name "
+                                f"its folder) or its --out_dir")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:   # truncated, not a checkpoint, or from an incompatible version
+        raise ValueError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); it may be truncated "
+                         f"or not a train.py checkpoint") from None
+
+
+def saved_config(ckpt):
+    """The TrainConfig a checkpoint was written with (fields added since take their defaults)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
+
+
+def saved_model_config(ckpt):
+    """The SleepLMConfig a checkpoint was written with (fields added since take their defaults)."""
+    return SleepLMConfig(**{f.name: ckpt["model_config"].get(f.name, f.default)
+                            for f in dataclasses.fields(SleepLMConfig)})
 
 
 def load_weights(model, run_dir):
@@ -525,6 +772,18 @@ def load_weights(model, run_dir):
                          f"({', '.join(differ[:4])}{', ...' if len(differ) > 4 else ''}); it needs the same "
                          f"--layers, --layer_repeat, --n_embd, --n_head and task vocabulary")
     model.load_state_dict(weights)
+
+
+def load_run(out_dir, device="cpu"):
+    """A trained run in one call: (its model in eval mode, its task with the run's parameters).
+
+        model, task = load_run("out/rule110-cpu/sweep/N4_seed0")
+    """
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    model = SleepLM(saved_model_config(ckpt))
+    model.load_state_dict(ckpt["model"])
+    task = make_task(ckpt["config"]["task"], preset=ckpt["config"]["preset"], **ckpt["task"])
+    return model.to(device).eval(), task
 
 
 class NonFiniteLoss(RuntimeError):
@@ -561,37 +820,8 @@ def stop_on_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
-class StepBatches(torch.utils.data.Dataset):
-    """Item `step` is this process's slice of that step's training batch, plus the number of answer
-    tokens in the whole batch (it weights each micro-batch's mean loss). A pure function of
-    (seed, step), so DataLoader workers can make batches ahead and a resumed run gets the same ones."""
-
-    def __init__(self, task, cfg, rank=0, world_size=1):
-        self.task, self.cfg, self.rank, self.per_rank = task, cfg, rank, cfg.batch_size // world_size
-
-    def __len__(self):
-        return self.cfg.max_iters
-
-    def __getitem__(self, step):
-        idx, targets, _ = self.task.train_batch(self.cfg.batch_size, step, seed=self.cfg.seed,
-                                                levels=training_levels(step, self.cfg, self.task))
-        mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
-        return idx[mine], targets[mine], int((targets >= 0).sum())
-
-
-def step_batches(dataset, start, num_workers, pin_memory):
-    """Batches of steps start, start + 1, ... in order: made in the loop, or ahead by worker processes."""
-    if num_workers == 0:
-        return (dataset[step] for step in range(start, len(dataset)))
-    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
-                                            num_workers=num_workers, pin_memory=pin_memory,
-                                            worker_init_fn=one_thread))
-
-
-def one_thread(worker_id):
-    """A batch worker's torch threads: one (the workers run side by side). Ctrl-C is the training loop's."""
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# -----------------------------------------------------------------------------
+# Devices, several GPUs (DDP under torchrun) and torch.compile.
 
 
 def distributed(device):
@@ -607,182 +837,45 @@ def distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-# -----------------------------------------------------------------------------
-# Training.
+def one_thread(worker_id):
+    """A batch worker's torch threads: one (the workers run side by side). Ctrl-C is the training loop's."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train(cfg, task_overrides, log=print, later_steps=None):
-    """Train one model; returns a dict with the config, per-step losses, eval history and final eval.
-    In a sweep, later_steps is the work of the runs still to come, in steps of this run (for the eta).
-    Ctrl-C stops after the current step, saves a checkpoint and raises Interrupted."""
-    rank, world_size, device = distributed(pick_device(cfg.device))
-    device_type = torch.device(device).type
-    if rank != 0:
-        log = lambda *a: None            # noqa: E731 (only rank 0 logs, evaluates and checkpoints)
-    if device_type == "cpu":
-        torch.set_flush_denormal(True)   # exp-decay products go denormal; they made a step ~20x slower
-        torch.set_num_threads(cfg.threads or 1)   # torch's one per core: 25x slower steps when the cores are busy
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = None
-    if cfg.resume or cfg.eval_only:
-        ckpt = load_checkpoint(ckpt_path)
-        saved = dataclasses.asdict(saved_config(ckpt))
-        differ = {k: (v, saved[k]) for k, v in dataclasses.asdict(cfg).items()
-                  if k not in RUN_CONTROL and k != "max_iters" and v != saved[k]}
-        differ.update({k: (v, ckpt["task"].get(k)) for k, v in task_overrides.items() if ckpt["task"].get(k) != v})
-        if differ:
-            raise ValueError(f"{ckpt_path} holds another run: settings that differ (this run, checkpoint): {differ}")
-        task_overrides = ckpt["task"]
-    elif os.path.exists(ckpt_path):
-        step = load_checkpoint(ckpt_path)["step"]
-        raise ValueError(f"{ckpt_path} already holds a run (step {step}): --resume continues it (a larger --max_iters "
-                         f"extends it), --eval_only evaluates it; or choose another --out_dir")
-    task = make_task(cfg.task, preset=cfg.preset, **task_overrides)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, task)
-    if ckpt is not None:
-        saved_model = dataclasses.asdict(saved_model_config(ckpt))
-        differ = {k: (v, saved_model[k]) for k, v in dataclasses.asdict(model.config).items() if v != saved_model[k]}
-        if differ and cfg.resume:
-            raise ValueError(f"--resume with model settings that differ from the checkpoint's (flag, checkpoint): "
-                             f"{differ}")
-        if differ:
-            model = SleepLM(SleepLMConfig(**saved_model))          # --eval_only: the checkpoint's model
-    if cfg.init_from and ckpt is None:
-        load_weights(model, cfg.init_from)
-    model = model.to(device)
-    optimizers = configure_optimizers(model, cfg.learning_rate, cfg.adamw_lr, cfg.weight_decay, optimizer=cfg.optimizer)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["peak_lr"] = group["lr"]
-    step, history, losses, elapsed = 0, [], [], 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if cfg.resume:
-            for opt, state in zip(optimizers, ckpt["optimizers"]):
-                opt.load_state_dict(state)
-        step, history, losses, elapsed = ckpt["step"], ckpt["history"], ckpt["losses"], ckpt["elapsed"]
-        torch.set_rng_state(ckpt["rng_state"])
-        if device_type == "cuda" and ckpt.get("cuda_rng_state") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng_state"])
-        log(f"loaded {ckpt_path} at step {step}")
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"task {task.name} ({task.preset}) T={task.seq_len} L={model.config.window} vocab={task.vocab_size} "
-        f"| model {model.config.layers} d={model.config.n_embd} N={model.config.sleep_passes} "
-        f"{n_params / 1e6:.3f}M params | {device}{f' x {world_size} processes' if world_size > 1 else ''}")
-    eval_passes = int_list(cfg.eval_sleep_passes, "eval_sleep_passes") or [model.config.sleep_passes]
-    sleep_choices = int_list(cfg.train_sleep_passes, "train_sleep_passes")
-    eval_data = {}
+def autocast(device):
+    """bf16 autocast on CUDA (the recurrent state stays float32 inside the model); float32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
-    def run_eval():
-        if not eval_data:   # made once: the evaluation sets are fixed
-            eval_data.update({lv: task.eval_set(lv, cfg.eval_examples, seed=cfg.seed) for lv in task.levels})
-        evals = {n: evaluate(model, task, eval_data, cfg.eval_batch_size, device, n) for n in eval_passes}
-        for n, res in evals.items():
-            log(f"eval step {step} N={n} | {format_eval(task, res)}")
-        return evals
 
-    def summary(final):
-        return dict(config=dataclasses.asdict(cfg), task=task.params, losses=losses, history=history,
-                    final=final, elapsed=elapsed)
-
-    if cfg.eval_only:
-        return summary(run_eval())
-
-    accumulation = cfg.gradient_accumulation_steps
-    if cfg.batch_size % (world_size * accumulation):
+def for_training(model, cfg, device, world_size):
+    """The model the training step calls: --compile's per-window graphs, DDP under torchrun, or the model."""
+    if cfg.batch_size % (world_size * cfg.gradient_accumulation_steps):
         raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of {world_size} processes x "
-                         f"--gradient_accumulation_steps={accumulation}")
-    micro = cfg.batch_size // world_size // accumulation
+                         f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps}")
     model_for_step = compiled_for_training(model, cfg.compile_mode) if cfg.compile else model
-    cuda_graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES
     if world_size > 1:
-        model_for_step = DDP(model_for_step, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
-    # --ssm_warmup_iters: these parameters (everything outside the G blocks) get no update during the warm-up.
-    frozen = [p for name, p in model.named_parameters()
-              if not (name.startswith("blocks.") and model.blocks[int(name.split(".")[1])].kind == "G")]
-    workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if device_type == "cuda" else 0)
-    batches = step_batches(StepBatches(task, cfg, rank, world_size), step, workers, pin_memory=device_type == "cuda")
-    tokens_per_step = cfg.batch_size * task.seq_len
-    logged_step, logged_elapsed = step, elapsed
+        model_for_step = DDP(model_for_step, device_ids=[torch.device(device).index] if device.startswith("cuda")
+                             else None)
+    return model_for_step
 
-    def save():
-        save_checkpoint(ckpt_path, model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
-                        config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(model.config),
-                        task=task.params, step=step, history=history, losses=losses, elapsed=elapsed,
-                        rng_state=torch.get_rng_state(),
-                        cuda_rng_state=torch.cuda.get_rng_state() if device_type == "cuda" else None)
 
-    with stop_on_ctrl_c() if world_size == 1 else nullcontext(StopRequest()) as stop:
-        while step < cfg.max_iters:
-            mult = lr_multiplier(step, cfg)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["peak_lr"] * mult
-            warming_up = step < cfg.ssm_warmup_iters
-            t0 = time.time()
-            idx, targets, batch_answers = next(batches)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device)
-            for m in range(accumulation):
-                x = idx[m * micro:(m + 1) * micro].to(device, non_blocking=True)
-                y = targets[m * micro:(m + 1) * micro].to(device, non_blocking=True)
-                share = int((targets[m * micro:(m + 1) * micro] >= 0).sum()) / batch_answers   # of the global batch's answers
-                sync = m == accumulation - 1 or world_size == 1          # DDP all-reduces gradients on the last micro-step
-                if cuda_graphs:
-                    torch.compiler.cudagraph_mark_step_begin()            # a new forward: earlier outputs are consumed
-                with nullcontext() if sync else model_for_step.no_sync():
-                    with autocast(device):
-                        _, loss = model_for_step(x, y, sleep_passes=step_sleep_passes(step, cfg, sleep_choices),
-                                                 eviction="hard" if warming_up else None)
-                    (loss * share * world_size).backward()               # DDP averages over processes
-                loss_sum += loss.detach() * share
-            if world_size > 1:
-                dist.all_reduce(loss_sum)                                 # the loss of the whole global batch
-            if warming_up:
-                for p in frozen:
-                    p.grad = None                                         # optimizers skip parameters without grad
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            loss_value, grad_norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()   # one device sync for both checks
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f"loss is {loss_value} at step {step}: training stopped before the update. The "
-                                    f"last good checkpoint (if any) is {ckpt_path}; try a lower learning rate or more warm-up.")
-            if not math.isfinite(grad_norm_value):
-                raise NonFiniteLoss(f"gradient norm is {grad_norm_value} at step {step}: training stopped before the "
-                                    f"update. The last good checkpoint (if any) is {ckpt_path}.")
-            for opt in optimizers:
-                opt.step()
-            losses.append(loss_value)
-            step += 1
-            elapsed += time.time() - t0
-            if step % cfg.log_interval == 0 or step == cfg.max_iters:
-                ms = (elapsed - logged_elapsed) * 1000 / (step - logged_step)
-                logged_step, logged_elapsed = step, elapsed
-                eta = (cfg.max_iters - step) * elapsed / step
-                if later_steps is not None:
-                    eta = f"{eta / 60:.1f} min | sweep eta {(eta + later_steps * elapsed / step) / 60:.1f} min"
-                else:
-                    eta = f"{eta / 60:.1f} min"
-                memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device_type == "cuda" else ""
-                log(f"step {step}/{cfg.max_iters} ({100 * step / cfg.max_iters:.0f}%) | loss {losses[-1]:.4f} "
-                    f"| grad norm {grad_norm_value:.4g} | lr {optimizers[0].param_groups[0]['lr']:.2e} "
-                    f"| {ms:.0f} ms/step | {tokens_per_step * 1000 / ms:,.0f} tok/s{memory} | eta {eta}")
-            evaluated = rank == 0 and (step % cfg.eval_interval == 0 or step == cfg.max_iters)
-            if evaluated:
-                evals = run_eval()
-                history.append(dict(step=step, elapsed=elapsed, eval={str(n): r for n, r in evals.items()}))
-                save()
-            if stop.requested:
-                if not evaluated:
-                    save()
-                raise Interrupted(f"stopped at step {step}/{cfg.max_iters}; saved {ckpt_path}")
-    final = history[-1]["eval"] if history else {}
-    return summary({int(n): r for n, r in final.items()})
+def compiled_for_training(model, mode="default", backend="inductor"):
+    """--compile: a view of model (same parameters) whose process_window, one window's embedding, wake
+    pass and N - 1 sleep passes, runs under torch.compile as one graph. That is the unit that repeats:
+    one graph per kind of window (consolidation or prediction, per shape and N), reused by every window
+    of its kind, so compiling does not grow with the number of windows. Evaluation keeps the eager model."""
+    fast = copy.copy(model)   # shares the modules and parameters; only the attribute below differs
+    # each kind of window (first, later, prediction; each N) is a graph of its own, and with fullgraph
+    # going past the limit (8) is an error, not a fall-back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    fast.process_window = torch.compile(model.process_window, mode=mode, backend=backend, fullgraph=True,
+                                        dynamic=False)
+    return fast
 
 
 # -----------------------------------------------------------------------------
-# Sweeps: one model per N (and seed), then a table.
+# Sweeps: one model per N (and seed), side by side, then a table and a plot.
 
 
 def sweep(cfg, task_overrides, log=print):
@@ -817,7 +910,8 @@ def sweep(cfg, task_overrides, log=print):
                        lambda text, label=label: log(f"{label} {text}"), later_steps=later)
         if int(os.environ.get("RANK", 0)) != 0:
             continue                  # the other processes of torchrun help train; rank 0 evaluates and collects
-        runs.append(dict(sleep_passes=run_cfg.sleep_passes, seed=run_cfg.seed, final=result["final"][run_cfg.sleep_passes],
+        runs.append(dict(sleep_passes=run_cfg.sleep_passes, seed=run_cfg.seed,
+                         final=result["final"][run_cfg.sleep_passes],
                          history=result["history"], elapsed=result["elapsed"], steps=len(result["losses"])))
     if int(os.environ.get("RANK", 0)) != 0:
         return runs
@@ -956,7 +1050,8 @@ def plot(task, runs, path, log):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for n, (mine, mean, spread) in accuracy_over_seeds(task, runs).items():
         ax.errorbar(task.levels, mean, yerr=spread, marker="o", capsize=3,
-                    label=f"N = {n} ({len(mine)} seeds, mean ± std)" if len(mine) > 1 else f"N = {n} (seed {mine[0]['seed']})")
+                    label=f"N = {n} ({len(mine)} seeds, mean ± std)" if len(mine) > 1
+                    else f"N = {n} (seed {mine[0]['seed']})")
     ax.set_xticks(list(task.levels))
     ax.set_xlabel(task.level_name)
     ax.set_ylabel(f"accuracy ({task.metric})")
@@ -969,46 +1064,6 @@ def plot(task, runs, path, log):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
-
-
-def main(argv):
-    sys.stdout.reconfigure(line_buffering=True)   # each line as it is printed, also into a file or a pipe
-    if "-h" in argv or "--help" in argv:
-        try:
-            print(help_text(argv))
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        return
-    try:
-        cfg, task_overrides = parse_args(argv)
-        # Check the whole configuration (model and task) before any work starts.
-        build_model(cfg, make_task(cfg.task, preset=cfg.preset, **task_overrides))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    if int(os.environ.get("RANK", 0)) == 0:
-        per_run = {"sleep_passes", "seed"} if cfg.sweep else set()   # a sweep sets them per run
-        changed = changed_settings(cfg, task_overrides, skip={"task", "preset", "out_dir", *per_run})
-        flags = [f"--{k}" if v is True else f"--{k}={flag_text(v)}" for k, v in changed]
-        print(f"{cfg.task}, {cfg.preset} preset; changed: {' '.join(flags) or 'nothing'} (--help lists every setting)")
-    try:
-        if cfg.sweep:
-            sweep(cfg, task_overrides)
-        else:
-            train(cfg, task_overrides)
-            if not cfg.eval_only and int(os.environ.get("RANK", 0)) == 0:
-                print(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')} (evaluate at other N: python train.py "
-                      f"--out_dir={cfg.out_dir} --eval_only --eval_sleep_passes=1,2,4,8)")
-    except Interrupted as e:
-        again = argv if cfg.sweep or "--resume" in argv else argv + ["--resume"]
-        print(f"{e}. To continue: python train.py {shlex.join(again)}")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit("stopped at once (a second Ctrl-C): nothing saved since the last checkpoint")
-    except (NonFiniteLoss, ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
