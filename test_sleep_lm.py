@@ -164,6 +164,87 @@ def test_rule_rejects_bad_shapes(bad):
         gated_delta_rule(q, k, v, log_decay, beta, **kwargs)
 
 
+# -- the attention layer ------------------------------------------------------------------------
+
+
+def reference_rope(x, pos, base):
+    """Rotary embedding from its definition, independently of sleep_lm. x: (B, T, H, D), pos: (T,).
+    Channels i and i + D/2 of a head form the complex number x_i + j x_{i+D/2} (the half-split layout
+    of GPT-NeoX and Llama), which is multiplied by exp(j pos theta_i), theta_i = base^(-2i/D): a
+    rotation by the angle pos theta_i. theta is rounded to float32, as the module keeps it (a
+    float32 buffer, cast when the model is cast), so that a float64 comparison can be exact."""
+    D = x.shape[-1]
+    theta = (base ** (-2 * torch.arange(D // 2, dtype=torch.float64) / D)).float().double()
+    turn = torch.polar(torch.ones(len(pos), 1, D // 2, dtype=torch.float64), pos[:, None, None].double() * theta)
+    z = torch.complex(x[..., :D // 2], x[..., D // 2:]) * turn
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def reference_attention(mixer, x, pos, span, base, context=None):
+    """The attention layer written out from its equations, independently of sleep_lm. x: (B, T, C),
+    float64, at absolute positions pos (T,); context: the (keys, values, positions) of tokens before
+    x, keys NOT yet rotated, (B, Tc, H, D) each. Query t sees key s iff pos_t - span < pos_s <= pos_t.
+    Returns the output and the context after x: rotated keys, values (B, H, Tc + T, D), positions."""
+    B, T, C = x.shape
+    H, D = mixer.n_head, mixer.head_dim
+    q, k, v = (x @ mixer.qkv.weight.T).view(B, T, 3, H, D).unbind(2)
+    if context is None:
+        context = (x.new_zeros(B, 0, H, D), x.new_zeros(B, 0, H, D), torch.zeros(0, dtype=torch.long))
+    k_ctx, v_ctx, pos_ctx = context
+    keys = torch.cat([reference_rope(k_ctx, pos_ctx, base), reference_rope(k, pos, base)], dim=1)  # (B, S, H, D)
+    values, key_pos = torch.cat([v_ctx, v], dim=1), torch.cat([pos_ctx, pos])
+    scores = torch.einsum("bthd,bshd->bhts", reference_rope(q, pos, base), keys) / math.sqrt(D)
+    visible = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - span)      # (T, S)
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    y = torch.einsum("bhts,bshd->bthd", weights, values).reshape(B, T, C)
+    return y @ mixer.proj.weight.T, (keys.transpose(1, 2), values.transpose(1, 2), key_pos)
+
+
+@pytest.mark.parametrize("case", ["causal", "span", "far_positions", "sliding_context", "one_token"])
+def test_attention_layer_matches_an_independent_reference(case):
+    base = 500.0                                         # not the default: the layer must use the config's
+    mixer = tiny_model(rope_base=base).blocks[0].mixer
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    B, C, H, D = 2, 32, mixer.n_head, mixer.head_dim
+    T, start, span, n_context = dict(causal=(11, 0, 16, 0), span=(11, 0, 4, 0), far_positions=(11, 40, 16, 0),
+                                     sliding_context=(11, 40, 8, 7), one_token=(1, 40, 8, 7))[case]
+    x = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    pos = torch.arange(start, start + T)
+    context = None
+    if n_context:                                        # the newest tokens of the previous window
+        k_ctx, v_ctx = (torch.randn(B, n_context, H, D, generator=g, dtype=torch.float64) for _ in range(2))
+        context = (k_ctx, v_ctx, torch.arange(start - n_context, start))
+    y_ref, (k_ref, v_ref, pos_ref) = reference_attention(mixer, x, pos, span, base, context)
+    given = mixer.empty_context(B, "cpu", torch.float64) if context is None else (
+        reference_rope(context[0], context[2], base).transpose(1, 2), context[1].transpose(1, 2), context[2])
+    y, S, (k, v, key_pos) = mixer(x, pos, given, None, span)
+    assert S is None
+    assert_close(y, y_ref, what=f"attention output, {case}")
+    assert_close(k, k_ref, what="rotated keys kept as context")
+    assert torch.equal(v, v_ref) and torch.equal(key_pos, pos_ref)
+
+
+def test_rope_is_a_rotation_that_makes_scores_depend_on_relative_position_only():
+    from sleep_lm import rotate
+    inv_freq = tiny_model().blocks[0].mixer.inv_freq
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, 1, 3, 16, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def score(p, r):
+        return (rotate(q, torch.tensor([p]), inv_freq) * rotate(k, torch.tensor([r]), inv_freq)).sum(-1)
+    for p in (0, 1, 7, 1000):
+        assert_close(rotate(q, torch.tensor([p]), inv_freq).norm(dim=-1), q.norm(dim=-1), what=f"norm at {p}")
+    assert torch.equal(rotate(q, torch.tensor([0]), inv_freq), q), "position 0 is no rotation"
+    for p, r in ((0, 0), (5, 2), (2, 5), (9, 9)):
+        for shift in (1, 13, 300):
+            assert_close(score(p + shift, r + shift), score(p, r), what=f"score of ({p}, {r}) shifted by {shift}")
+    assert (score(5, 2) - score(2, 2)).abs().min() > 1e-3, "the score should depend on the distance"
+    assert (score(5, 2) - score(2, 5)).abs().min() > 1e-3, "and on its sign"
+
+
 # -- the Gated DeltaNet layer -------------------------------------------------------------------
 
 
