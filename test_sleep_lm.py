@@ -619,6 +619,20 @@ def test_generate_at_temperature_zero_is_greedy(eviction):
     assert torch.equal(model.generate(prompt, 12, top_k=1), expected)   # one candidate left: greedy too
 
 
+def test_generate_with_top_k_samples_among_each_rows_k_most_likely_tokens_and_only_those():
+    model = tiny_model(sleep_passes=2)
+    for batch in (1, 4):                                 # each row has its own K most likely tokens
+        prompt = tokens(batch, 5, seed=6)
+        torch.manual_seed(0)
+        out = model.generate(prompt, 30, temperature=3.0, top_k=3)    # crosses three window boundaries
+        with torch.no_grad():
+            logits = model(out[:, :-1])[0][:, 4:]        # what each new token was drawn from (forward = streaming)
+        sampled = logits.gather(-1, out[:, 5:, None])
+        rank = (logits > sampled).sum(-1)                # 0: the most likely token
+        assert (rank < 3).all(), f"batch {batch}: a token outside the top 3 was sampled (ranks {rank.tolist()})"
+        assert set(rank.flatten().tolist()) == {0, 1, 2}, f"batch {batch}: not sampling among all 3"
+
+
 def test_generate_long_random_stream_stays_finite():
     torch.manual_seed(0)
     model = SleepLM(tiny_config(window=64, sleep_passes=2, gdn_chunk_size=32))
