@@ -855,6 +855,23 @@ def test_depo_answers_match_walking_the_decoded_cycle(preset):
             assert len({(hop % nodes, start) for hop, start, *_ in queries}) == len(queries)
 
 
+@pytest.mark.parametrize("preset, examples", [("cpu", 10_000), ("paper", 4000)])
+def test_depo_training_graph_sizes_follow_the_weights_one_over_n_plus_sqrt_max_nodes(preset, examples):
+    task = data.make_task("depo", preset)
+    p = task.params
+    n = np.arange(p["min_nodes"], p["max_nodes"] + 1)
+    # only graphs with room for `queries` distinct (hop mod n, start) pairs (the paper preset's n = 3 has 9)
+    expected = (n * np.minimum(n, p["max_hops"]) >= p["queries"]) / (n + math.sqrt(p["max_nodes"]))
+    expected /= expected.sum()
+    idx = task.train_batch(examples, step=0)[0]
+    nodes = (idx == task.encode("->")[0]).sum(dim=1).numpy()   # one arrow per edge, one edge per node
+    assert n[0] <= nodes.min() and nodes.max() <= n[-1]
+    observed = np.bincount(nodes - n[0], minlength=len(n)) / examples
+    # Kolmogorov-Smirnov: the cumulative distributions differ by less than the 0.1% critical value
+    gap = np.abs(np.cumsum(observed) - np.cumsum(expected)).max()
+    assert gap < 1.95 / math.sqrt(examples), f"graph sizes: CDF gap {gap:.4f}, observed {observed[:6].round(3)}..."
+
+
 def test_depo_small_graphs_still_get_distinct_queries():
     task = data.make_task("depo", "cpu", min_nodes=3, max_nodes=4, queries=4, query_len=16)
     for tokens in rows_of(task, task.train_batch(100, step=0, levels=[1])[0]):
