@@ -902,6 +902,21 @@ def test_math_answers_match_evaluating_the_decoded_statements(rendering):
         assert with_distractors >= 0.8 * batch
 
 
+def test_math_distractors_come_in_every_kind_and_a_quarter_are_constants():
+    # Each distractor draws its kind uniformly from const, sum, diff, more; an operation that would leave
+    # 0..values-1 becomes a difference, so only the constants keep exactly their quarter.
+    task = data.make_task("math", "cpu")
+    kinds = []
+    for tokens in rows_of(task, task.train_batch(400, step=4)[0]):
+        asked, statements, _, _ = parse_math(task, tokens)
+        used = set()
+        evaluate_math(statements, asked, used)
+        kinds += [statements[q][0] for q in statements if q not in used]
+    share = {kind: kinds.count(kind) / len(kinds) for kind in ("const", "sum", "diff", "more")}
+    assert len(kinds) > 1000 and abs(share["const"] - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(kinds)), share
+    assert min(share.values()) > 0.1, share
+
+
 # ---- layouts
 
 
