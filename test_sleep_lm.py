@@ -1401,6 +1401,46 @@ def test_help_documents_every_setting_and_the_tasks_parameters(capsys):
     assert "--sleep_passes=4" in capsys.readouterr().out
 
 
+class ScriptedModel(torch.nn.Module):
+    """Stands in for the model in train.evaluate: its logits' argmax is the given prediction, row by row."""
+
+    def __init__(self, inputs, predictions, vocab_size):
+        super().__init__()
+        self.inputs, self.predictions, self.vocab_size, self.seen = inputs, predictions, vocab_size, 0
+
+    def forward(self, x, y, sleep_passes):
+        rows = slice(self.seen, self.seen + len(x))
+        assert torch.equal(x, self.inputs[rows])
+        self.seen += len(x)
+        return F.one_hot(self.predictions[rows], self.vocab_size).double(), None
+
+
+def test_evaluate_counts_an_example_exactly_right_only_when_all_its_answers_and_their_tokens_are():
+    task = data.make_task("depo", "paper")              # 10 answers per example, some of two tokens
+    idx, targets, difficulty = task.eval_set(16, 6)
+    prediction = torch.where(targets == -1, 0, targets)
+    wrong_answers = [0, 1, 10, 0, 2, 9]                  # per example: how many of its 10 answers to get wrong
+    for row, n_wrong in enumerate(wrong_answers):
+        positions = torch.nonzero(targets[row] != -1).flatten().tolist()
+        runs = [[p] for p in positions[:1]]              # an answer: a run of consecutive target positions
+        for p in positions[1:]:
+            if p == runs[-1][-1] + 1:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        assert len(runs) == 10
+        if row == 1:                                     # only the second token of a two-token answer
+            runs = [[r[1]] for r in runs if len(r) == 2]
+        for run in runs[:n_wrong]:
+            prediction[row, run[-1]] = (targets[row, run[-1]] + 1) % task.vocab_size
+    model = ScriptedModel(idx, prediction, task.vocab_size)
+    results = train.evaluate(model, task, {16: (idx, targets, difficulty)}, batch_size=4, device="cpu",
+                             sleep_passes=1)
+    assert model.seen == 6
+    assert results[16]["item"] == pytest.approx(1 - sum(wrong_answers) / 60)
+    assert results[16]["exact"] == pytest.approx(2 / 6)      # examples 0 and 3
+
+
 def test_lr_multiplier_warms_up_from_above_zero_then_decays_to_the_floor():
     cfg = train.TrainConfig(warmup_iters=10, max_iters=110, min_lr_frac=0.1)
     values = [train.lr_multiplier(step, cfg) for step in range(111)]
