@@ -1570,6 +1570,25 @@ def test_input_injection_changes_sleep_but_not_the_wake_pass():
     assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-6, "injection should change what sleep writes into S"
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_weight_decay_shrinks_exactly_the_hidden_matrices_and_nothing_when_it_is_zero(optimizer):
+    # With zero gradients, an optimizer step changes a parameter only through its weight decay.
+    for weight_decay in (0.0, 0.1):
+        model = tiny_model(dtype=torch.float32)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        optimizers = train.configure_optimizers(model, 0.01, 0.01, weight_decay=weight_decay, optimizer=optimizer)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        for opt in optimizers:
+            opt.step()
+        for name, p in model.named_parameters():
+            hidden = name.startswith("blocks.") and p.dim() == 2 and not name.endswith(("a_proj.weight", "b_proj.weight"))
+            if weight_decay and hidden:                  # decoupled decay: p <- p (1 - lr weight_decay)
+                assert_close(p.detach(), before[name] * (1 - 0.01 * weight_decay), 1e-6, 0, what=f"{name} decayed")
+            else:
+                assert torch.equal(p.detach(), before[name]), f"{name} changed, weight_decay={weight_decay}"
+
+
 # -- bench.py must keep running: its --quick mode produces every row with finite numbers (no timing asserted)
 
 HERE = Path(__file__).parent
@@ -1628,3 +1647,4 @@ def test_optimizers_put_the_hidden_matrices_on_muon_and_the_rest_on_adamw():
     assert len(train.configure_optimizers(model, 2e-3, 5e-4, optimizer="adamw")) == 1
     with pytest.raises(ValueError, match="--optimizer must be one of muon, adamw"):
         train.configure_optimizers(model, 2e-3, 5e-4, optimizer="sgd")
+
