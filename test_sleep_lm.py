@@ -1647,4 +1647,3 @@ def test_optimizers_put_the_hidden_matrices_on_muon_and_the_rest_on_adamw():
     assert len(train.configure_optimizers(model, 2e-3, 5e-4, optimizer="adamw")) == 1
     with pytest.raises(ValueError, match="--optimizer must be one of muon, adamw"):
         train.configure_optimizers(model, 2e-3, 5e-4, optimizer="sgd")
-
