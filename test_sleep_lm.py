@@ -1309,6 +1309,19 @@ def test_resume_and_eval_only_take_the_runs_settings_from_the_checkpoint(tmp_pat
     assert (cfg.task, cfg.seed, cfg.batch_size, cfg.eval_sleep_passes, cfg.eval_examples) == ("depo", 3, 6, "1,2", 4)
 
 
+def test_the_seed_decides_the_initial_weights(tmp_path):
+    def initial_weights(folder, seed):                   # learning rates 0: the checkpoint holds the initial weights
+        quiet_train(SMOKE + [f"--out_dir={tmp_path / folder}", f"--seed={seed}", "--learning_rate=0", "--adamw_lr=0",
+                             "--max_iters=1", "--eval_interval=1"])
+        return torch.load(tmp_path / folder / "ckpt.pt", weights_only=False)["model"]
+    first, again, other = initial_weights("a", 0), initial_weights("b", 0), initial_weights("c", 1)
+    for name, w in first.items():
+        assert torch.equal(again[name], w), f"{name}: the same seed should give the same initial weights"
+        if len(w.unique()) > 1:                          # every randomly initialised tensor
+            assert not torch.equal(other[name], w), f"{name}: another seed should give other initial weights"
+    assert sum(len(w.unique()) > 1 for w in first.values()) >= 10
+
+
 def test_a_new_run_refuses_to_overwrite_a_checkpoint(tmp_path):
     quiet_train(SMOKE + [f"--out_dir={tmp_path}"])
     with pytest.raises(ValueError, match="already holds a run"):
