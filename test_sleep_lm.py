@@ -1489,6 +1489,19 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path, task):
         train.parse_args(["--batch_size=5", "--gradient_accumulation_steps=2"])
 
 
+def test_gradient_accumulation_weights_micro_batches_by_their_answer_tokens(tmp_path):
+    # Two-token Depo names: the micro-batches of a step hold different numbers of answer tokens, so
+    # averaging their mean losses with equal weights would change the update.
+    flags = ["--task=depo", "--prefix_tokens=4", "--query_len=18"]
+    cfg, overrides = smoke_config(tmp_path, *flags, "--gradient_accumulation_steps=2")
+    steps = train.StepBatches(train.make_task("depo", **overrides), cfg)
+    counts = [[int((steps[s][1][m:m + 2] >= 0).sum()) for m in (0, 2)] for s in range(3)]
+    assert sum(a != b for a, b in counts) >= 2, f"answer tokens per micro-batch: {counts}"
+    one = losses_and_grad_norms(tmp_path / "k1", *flags)
+    two = losses_and_grad_norms(tmp_path / "k2", *flags, "--gradient_accumulation_steps=2")
+    assert_same_training(one, two, rtol=1e-4)
+
+
 def test_worker_processes_make_exactly_the_in_loop_batches(tmp_path):
     cfg, _ = smoke_config(tmp_path, "--task=depo", "--curriculum_iters=3")
     dataset = train.StepBatches(train.make_task("depo"), cfg)
