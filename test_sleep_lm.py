@@ -1608,7 +1608,8 @@ def test_weight_decay_shrinks_exactly_the_hidden_matrices_and_nothing_when_it_is
         for opt in optimizers:
             opt.step()
         for name, p in model.named_parameters():
-            hidden = name.startswith("blocks.") and p.dim() == 2 and not name.endswith(("a_proj.weight", "b_proj.weight"))
+            gate = name.endswith(("a_proj.weight", "b_proj.weight"))
+            hidden = name.startswith("blocks.") and p.dim() == 2 and not gate
             if weight_decay and hidden:                  # decoupled decay: p <- p (1 - lr weight_decay)
                 assert_close(p.detach(), before[name] * (1 - 0.01 * weight_decay), 1e-6, 0, what=f"{name} decayed")
             else:
