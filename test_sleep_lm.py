@@ -394,6 +394,30 @@ def test_truncated_backprop_is_straight_through_to_the_first_windows_embeddings(
     assert model.wte.weight.grad[:6].abs().sum() > 0, "no gradient reached the embeddings of the first window"
 
 
+def test_a_window_whose_only_answer_is_its_last_token_predicts_and_is_never_slept_on():
+    model = tiny_model(sleep_passes=3)
+    x = tokens(2, 16)
+    y = torch.full_like(x, -1)
+    y[:, [7, 15]] = x[:, [7, 15]]                        # one answer each, on the last token of both windows
+    logits, loss = model(x, y, sleep_passes=1)
+    by_hand = F.cross_entropy(logits[:, [7, 15]].reshape(-1, 13), y[:, [7, 15]].reshape(-1))
+    assert_close(loss, by_hand, what="loss over both answers")
+    assert_close(model(x, y, sleep_passes=3)[1], loss, what="no window sleeps: every N gives the N = 1 loss")
+
+
+@pytest.mark.parametrize("bptt_passes", [1, 2, 3, 5])
+def test_truncated_backprop_records_the_last_k_passes_of_a_consolidation_window(bptt_passes):
+    model = tiny_model(sleep_passes=4, bptt_passes=bptt_passes, layers="AG")
+    x = tokens(2, 16)                                    # a consolidation window, then a prediction window
+    y = torch.full_like(x, -1)
+    y[:, -3:] = x[:, -3:]
+    recorded = []
+    model.blocks[0].register_forward_hook(lambda *_: recorded.append(torch.is_grad_enabled()))
+    model(x, y)
+    untracked = max(4 - bptt_passes, 0)
+    assert recorded == [False] * untracked + [True] * (4 - untracked) + [True], "grad mode of each pass"
+
+
 def test_default_sleep_blocks_is_the_whole_stack_and_one_pass_ignores_the_slice_bitwise():
     x = tokens(2, 24)
     for N in (1, 3):
@@ -442,6 +466,32 @@ def test_every_parameter_gets_a_gradient_in_a_training_step():
     model(x, y)[1].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"no gradient for {missing}"
+
+
+def test_initial_weights_follow_the_init_table():
+    torch.manual_seed(0)
+    model = SleepLM(tiny_config(n_embd=64, n_head=2))
+    C, K = 64, model.config.conv_size
+    for name, p in model.named_parameters():
+        p = p.detach().double()
+        if name.endswith("A_log"):                      # decay rates exp(A_log) in [1, 16]
+            assert 1 <= p.exp().min() and p.exp().max() <= 16, name
+        elif name.endswith("dt_bias"):                  # softplus(dt_bias) = dt in [1e-3, 0.1]
+            dt = F.softplus(p)
+            assert 1e-3 * (1 - 1e-6) <= dt.min() and dt.max() <= 0.1 * (1 + 1e-6), name
+        elif name.endswith(("mixer.proj.weight", "mlp.proj.weight")):
+            assert not p.any(), f"{name}: output projections start at zero"
+        elif "norm" in name:
+            assert (p == 1).all(), name
+        elif name == "wte.weight":
+            assert 0.9 < p.std() < 1.1, name
+        elif name == "lm_head.weight":
+            assert 0.0009 < p.std() < 0.0011, name
+        elif name.endswith("conv_weight"):               # uniform with std 1 / sqrt(K)
+            assert p.abs().max() <= math.sqrt(3 / K) and 0.8 < p.std() * math.sqrt(K) < 1.2, name
+        else:                                            # qkv, mlp.fc, g/a/b_proj: uniform, std 1 / sqrt(fan_in)
+            fan_in = p.shape[-1]
+            assert p.abs().max() <= math.sqrt(3 / fan_in) and 0.9 < p.std() * math.sqrt(fan_in) < 1.1, name
 
 
 def test_compiled_model_matches_eager_loss_and_gradients():
