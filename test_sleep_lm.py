@@ -1064,6 +1064,12 @@ def test_eval_set_is_fixed_and_a_prefix_of_longer_eval_sets(name):
     assert not torch.equal(long[0], task.eval_set(level, 40, seed=1)[0])
 
 
+def test_each_evaluation_level_draws_its_own_inputs():
+    task = data.make_task("rule110", "gpu")             # 4 states of 24 cells: no input repeats by chance
+    states = [{tuple(row) for row in task.eval_set(level, 128)[0][:, :96].tolist()} for level in (2, 4)]
+    assert len(states[0]) == len(states[1]) == 128 and states[0].isdisjoint(states[1])
+
+
 @pytest.mark.parametrize("name,overrides", [
     ("rule110", dict(width=8, t_min=1, t_max=1, levels=(1,))),  # 256 possible inputs
     ("depo", dict(max_nodes=3, name_tokens=4, max_hops=1, levels=(1,), queries=1, graph_len=24, query_len=4)),
