@@ -1644,6 +1644,24 @@ def test_curriculum_raises_the_hardest_level_to_all_levels_and_n_draws_are_seede
     assert draws == [train.step_sleep_passes(step, cfg, [1, 2, 4]) for step in range(50)]
 
 
+def test_curriculum_cap_rises_linearly_over_curriculum_iters_not_over_the_run(tmp_path):
+    cfg, _ = smoke_config(tmp_path, "--curriculum_iters=100")        # rule110 cpu: levels t = 1..8, 4 steps in all
+    task = train.make_task(cfg.task)
+    assert task.train_levels == tuple(range(1, 9))
+    # the cap is 1 + 7 step / 100: 1 at step 0, 2.75 at 25, 4.5 at 50, 6.25 at 75, 7.93 at 99
+    for step, hardest in ((0, 1), (25, 2), (50, 4), (75, 6), (99, 7), (100, 8), (500, 8)):
+        assert list(train.training_levels(step, cfg, task)) == list(range(1, hardest + 1)), f"step {step}"
+
+
+def test_the_lr_schedule_drives_both_optimizers(tmp_path):
+    cfg, _ = quiet_train(SMOKE + [f"--out_dir={tmp_path}"])     # 4 steps, 2 of warm-up
+    muon, adamw = torch.load(tmp_path / "ckpt.pt", weights_only=False)["optimizers"]
+    last = train.lr_multiplier(cfg.max_iters - 1, cfg)           # the last step's multiplier: 0.55
+    assert last < 1
+    assert [g["lr"] for g in muon["param_groups"]] == pytest.approx([cfg.learning_rate * last])
+    assert [g["lr"] for g in adamw["param_groups"]] == pytest.approx([cfg.adamw_lr * last])
+
+
 def test_input_injection_changes_sleep_but_not_the_wake_pass():
     x = tokens(2, 24)
     plain, injected = tiny_model(), tiny_model(input_injection=True)
