@@ -1476,10 +1476,12 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, inputs, predictions, vocab_size):
         super().__init__()
         self.inputs, self.predictions, self.vocab_size, self.seen = inputs, predictions, vocab_size, 0
+        self.sleep_passes = []
 
-    def forward(self, x, y, sleep_passes):
+    def forward(self, x, y, sleep_passes=None):
         rows = slice(self.seen, self.seen + len(x))
         assert torch.equal(x, self.inputs[rows])
+        self.sleep_passes.append(sleep_passes)
         self.seen += len(x)
         return F.one_hot(self.predictions[rows], self.vocab_size).double(), None
 
@@ -1504,8 +1506,8 @@ def test_evaluate_counts_an_example_exactly_right_only_when_all_its_answers_and_
             prediction[row, run[-1]] = (targets[row, run[-1]] + 1) % task.vocab_size
     model = ScriptedModel(idx, prediction, task.vocab_size)
     results = train.evaluate(model, task, {16: (idx, targets, difficulty)}, batch_size=4, device="cpu",
-                             sleep_passes=1)
-    assert model.seen == 6
+                             sleep_passes=3)
+    assert model.seen == 6 and model.sleep_passes == [3, 3], "evaluate runs the model at the N it is given"
     assert results[16]["item"] == pytest.approx(1 - sum(wrong_answers) / 60)
     assert results[16]["exact"] == pytest.approx(2 / 6)      # examples 0 and 3
 
