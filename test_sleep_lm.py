@@ -1664,6 +1664,32 @@ def test_the_lr_schedule_drives_both_optimizers(tmp_path):
     assert [g["lr"] for g in adamw["param_groups"]] == pytest.approx([cfg.adamw_lr * last])
 
 
+def test_training_batches_follow_the_curriculum_step_by_step(tmp_path):
+    cfg, _ = smoke_config(tmp_path, "--curriculum_iters=4", "--max_iters=8", "--batch_size=64")
+    task = train.make_task(cfg.task)                     # rule110 cpu: one state, then its query "?1@t<t>"
+    batches = train.StepBatches(task, cfg)
+    # the cap 1 + 7 step / 4: 1, 2.75, 4.5, 6.25, then every level (t = 1..8)
+    for step, hardest in ((0, 1), (1, 2), (2, 4), (3, 6), (4, 8), (7, 8)):
+        rollouts = {int(task.vocab[i].split("@t")[1]) for i in batches[step][0][:, -1].tolist()}
+        assert max(rollouts) == hardest, f"step {step}: rollouts {sorted(rollouts)}"
+
+
+def test_train_sleep_passes_trains_each_step_at_its_drawn_n(tmp_path, monkeypatch):
+    passes = []
+    real_forward = SleepLM.forward
+
+    def recording(self, idx, targets=None, **kwargs):
+        if self.training:
+            passes.append(kwargs.get("sleep_passes"))
+        return real_forward(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(SleepLM, "forward", recording)
+    cfg, _ = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--train_sleep_passes=1,2,3", "--max_iters=8",
+                                  "--eval_interval=8"])
+    assert passes == [train.step_sleep_passes(step, cfg, [1, 2, 3]) for step in range(8)]
+    assert set(passes) == {1, 2, 3}
+
+
 def test_input_injection_changes_sleep_but_not_the_wake_pass():
     x = tokens(2, 24)
     plain, injected = tiny_model(), tiny_model(input_injection=True)
