@@ -471,7 +471,7 @@ def test_every_parameter_gets_a_gradient_in_a_training_step():
 def test_initial_weights_follow_the_init_table():
     torch.manual_seed(0)
     model = SleepLM(tiny_config(n_embd=64, n_head=2))
-    C, K = 64, model.config.conv_size
+    K = model.config.conv_size
     for name, p in model.named_parameters():
         p = p.detach().double()
         if name.endswith("A_log"):                      # decay rates exp(A_log) in [1, 16]
@@ -674,7 +674,7 @@ def test_generate_with_top_k_samples_among_each_rows_k_most_likely_tokens_and_on
     for batch in (1, 4):                                 # each row has its own K most likely tokens
         prompt = tokens(batch, 5, seed=6)
         torch.manual_seed(0)
-        out = model.generate(prompt, 30, temperature=3.0, top_k=3)    # crosses three window boundaries
+        out = model.generate(prompt, 30, temperature=3.0, top_k=3)    # crosses four window boundaries
         with torch.no_grad():
             logits = model(out[:, :-1])[0][:, 4:]        # what each new token was drawn from (forward = streaming)
         sampled = logits.gather(-1, out[:, 5:, None])
