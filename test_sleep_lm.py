@@ -168,6 +168,87 @@ def test_rule_rejects_bad_shapes(bad):
         gated_delta_rule(q, k, v, log_decay, beta, **kwargs)
 
 
+# -- the attention layer ------------------------------------------------------------------------
+
+
+def reference_rope(x, pos, base):
+    """Rotary embedding from its definition, independently of sleep_lm. x: (B, T, H, D), pos: (T,).
+    Channels i and i + D/2 of a head form the complex number x_i + j x_{i+D/2} (the half-split layout
+    of GPT-NeoX and Llama), which is multiplied by exp(j pos theta_i), theta_i = base^(-2i/D): a
+    rotation by the angle pos theta_i. theta is rounded to float32, as the module keeps it (a
+    float32 buffer, cast when the model is cast), so that a float64 comparison can be exact."""
+    D = x.shape[-1]
+    theta = (base ** (-2 * torch.arange(D // 2, dtype=torch.float64) / D)).float().double()
+    turn = torch.polar(torch.ones(len(pos), 1, D // 2, dtype=torch.float64), pos[:, None, None].double() * theta)
+    z = torch.complex(x[..., :D // 2], x[..., D // 2:]) * turn
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def reference_attention(mixer, x, pos, span, base, context=None):
+    """The attention layer written out from its equations, independently of sleep_lm. x: (B, T, C),
+    float64, at absolute positions pos (T,); context: the (keys, values, positions) of tokens before
+    x, keys NOT yet rotated, (B, Tc, H, D) each. Query t sees key s iff pos_t - span < pos_s <= pos_t.
+    Returns the output and the context after x: rotated keys, values (B, H, Tc + T, D), positions."""
+    B, T, C = x.shape
+    H, D = mixer.n_head, mixer.head_dim
+    q, k, v = (x @ mixer.qkv.weight.T).view(B, T, 3, H, D).unbind(2)
+    if context is None:
+        context = (x.new_zeros(B, 0, H, D), x.new_zeros(B, 0, H, D), torch.zeros(0, dtype=torch.long))
+    k_ctx, v_ctx, pos_ctx = context
+    keys = torch.cat([reference_rope(k_ctx, pos_ctx, base), reference_rope(k, pos, base)], dim=1)  # (B, S, H, D)
+    values, key_pos = torch.cat([v_ctx, v], dim=1), torch.cat([pos_ctx, pos])
+    scores = torch.einsum("bthd,bshd->bhts", reference_rope(q, pos, base), keys) / math.sqrt(D)
+    visible = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - span)      # (T, S)
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    y = torch.einsum("bhts,bshd->bthd", weights, values).reshape(B, T, C)
+    return y @ mixer.proj.weight.T, (keys.transpose(1, 2), values.transpose(1, 2), key_pos)
+
+
+@pytest.mark.parametrize("case", ["causal", "span", "far_positions", "sliding_context", "one_token"])
+def test_attention_layer_matches_an_independent_reference(case):
+    base = 500.0                                         # not the default: the layer must use the config's
+    mixer = tiny_model(rope_base=base).blocks[0].mixer
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    B, C, H, D = 2, 32, mixer.n_head, mixer.head_dim
+    T, start, span, n_context = dict(causal=(11, 0, 16, 0), span=(11, 0, 4, 0), far_positions=(11, 40, 16, 0),
+                                     sliding_context=(11, 40, 8, 7), one_token=(1, 40, 8, 7))[case]
+    x = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    pos = torch.arange(start, start + T)
+    context = None
+    if n_context:                                        # the newest tokens of the previous window
+        k_ctx, v_ctx = (torch.randn(B, n_context, H, D, generator=g, dtype=torch.float64) for _ in range(2))
+        context = (k_ctx, v_ctx, torch.arange(start - n_context, start))
+    y_ref, (k_ref, v_ref, pos_ref) = reference_attention(mixer, x, pos, span, base, context)
+    given = mixer.empty_context(B, "cpu", torch.float64) if context is None else (
+        reference_rope(context[0], context[2], base).transpose(1, 2), context[1].transpose(1, 2), context[2])
+    y, S, (k, v, key_pos) = mixer(x, pos, given, None, span)
+    assert S is None
+    assert_close(y, y_ref, what=f"attention output, {case}")
+    assert_close(k, k_ref, what="rotated keys kept as context")
+    assert torch.equal(v, v_ref) and torch.equal(key_pos, pos_ref)
+
+
+def test_rope_is_a_rotation_that_makes_scores_depend_on_relative_position_only():
+    from sleep_lm import rotate
+    inv_freq = tiny_model().blocks[0].mixer.inv_freq
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, 1, 3, 16, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def score(p, r):
+        return (rotate(q, torch.tensor([p]), inv_freq) * rotate(k, torch.tensor([r]), inv_freq)).sum(-1)
+    for p in (0, 1, 7, 1000):
+        assert_close(rotate(q, torch.tensor([p]), inv_freq).norm(dim=-1), q.norm(dim=-1), what=f"norm at {p}")
+    assert torch.equal(rotate(q, torch.tensor([0]), inv_freq), q), "position 0 is no rotation"
+    for p, r in ((0, 0), (5, 2), (2, 5), (9, 9)):
+        for shift in (1, 13, 300):
+            assert_close(score(p + shift, r + shift), score(p, r), what=f"score of ({p}, {r}) shifted by {shift}")
+    assert (score(5, 2) - score(2, 2)).abs().min() > 1e-3, "the score should depend on the distance"
+    assert (score(5, 2) - score(2, 5)).abs().min() > 1e-3, "and on its sign"
+
+
 # -- the Gated DeltaNet layer -------------------------------------------------------------------
 
 
@@ -339,6 +420,30 @@ def test_truncated_backprop_is_straight_through_to_the_first_windows_embeddings(
     assert model.wte.weight.grad[:6].abs().sum() > 0, "no gradient reached the embeddings of the first window"
 
 
+def test_a_window_whose_only_answer_is_its_last_token_predicts_and_is_never_slept_on():
+    model = tiny_model(sleep_passes=3)
+    x = tokens(2, 16)
+    y = torch.full_like(x, -1)
+    y[:, [7, 15]] = x[:, [7, 15]]                        # one answer each, on the last token of both windows
+    logits, loss = model(x, y, sleep_passes=1)
+    by_hand = F.cross_entropy(logits[:, [7, 15]].reshape(-1, 13), y[:, [7, 15]].reshape(-1))
+    assert_close(loss, by_hand, what="loss over both answers")
+    assert_close(model(x, y, sleep_passes=3)[1], loss, what="no window sleeps: every N gives the N = 1 loss")
+
+
+@pytest.mark.parametrize("bptt_passes", [1, 2, 3, 5])
+def test_truncated_backprop_records_the_last_k_passes_of_a_consolidation_window(bptt_passes):
+    model = tiny_model(sleep_passes=4, bptt_passes=bptt_passes, layers="AG")
+    x = tokens(2, 16)                                    # a consolidation window, then a prediction window
+    y = torch.full_like(x, -1)
+    y[:, -3:] = x[:, -3:]
+    recorded = []
+    model.blocks[0].register_forward_hook(lambda *_: recorded.append(torch.is_grad_enabled()))
+    model(x, y)
+    untracked = max(4 - bptt_passes, 0)
+    assert recorded == [False] * untracked + [True] * (4 - untracked) + [True], "grad mode of each pass"
+
+
 def test_default_sleep_blocks_is_the_whole_stack_and_one_pass_ignores_the_slice_bitwise():
     x = tokens(2, 24)
     for N in (1, 3):
@@ -387,6 +492,32 @@ def test_every_parameter_gets_a_gradient_in_a_training_step():
     model(x, y)[1].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"no gradient for {missing}"
+
+
+def test_initial_weights_follow_the_init_table():
+    torch.manual_seed(0)
+    model = SleepLM(tiny_config(n_embd=64, n_head=2))
+    K = model.config.conv_size
+    for name, p in model.named_parameters():
+        p = p.detach().double()
+        if name.endswith("A_log"):                      # decay rates exp(A_log) in [1, 16]
+            assert 1 <= p.exp().min() and p.exp().max() <= 16, name
+        elif name.endswith("dt_bias"):                  # softplus(dt_bias) = dt in [1e-3, 0.1]
+            dt = F.softplus(p)
+            assert 1e-3 * (1 - 1e-5) <= dt.min() and dt.max() <= 0.1 * (1 + 1e-5), name   # float32 rounding
+        elif name.endswith(("mixer.proj.weight", "mlp.proj.weight")):
+            assert not p.any(), f"{name}: output projections start at zero"
+        elif "norm" in name:
+            assert (p == 1).all(), name
+        elif name == "wte.weight":
+            assert 0.9 < p.std() < 1.1, name
+        elif name == "lm_head.weight":
+            assert 0.0009 < p.std() < 0.0011, name
+        elif name.endswith("conv_weight"):               # uniform with std 1 / sqrt(K)
+            assert p.abs().max() <= math.sqrt(3 / K) and 0.8 < p.std() * math.sqrt(K) < 1.2, name
+        else:                                            # qkv, mlp.fc, g/a/b_proj: uniform, std 1 / sqrt(fan_in)
+            fan_in = p.shape[-1]
+            assert p.abs().max() <= math.sqrt(3 / fan_in) and 0.8 < p.std() * math.sqrt(fan_in) < 1.2, name
 
 
 def test_compiled_model_matches_eager_loss_and_gradients():
@@ -562,6 +693,20 @@ def test_generate_at_temperature_zero_is_greedy(eviction):
             expected = torch.cat([expected, next_id], dim=1)
     assert torch.equal(model.generate(prompt, 12, temperature=0), expected)
     assert torch.equal(model.generate(prompt, 12, top_k=1), expected)   # one candidate left: greedy too
+
+
+def test_generate_with_top_k_samples_among_each_rows_k_most_likely_tokens_and_only_those():
+    model = tiny_model(sleep_passes=2)
+    for batch in (1, 4):                                 # each row has its own K most likely tokens
+        prompt = tokens(batch, 5, seed=6)
+        torch.manual_seed(0)
+        out = model.generate(prompt, 30, temperature=3.0, top_k=3)    # crosses four window boundaries
+        with torch.no_grad():
+            logits = model(out[:, :-1])[0][:, 4:]        # what each new token was drawn from (forward = streaming)
+        sampled = logits.gather(-1, out[:, 5:, None])
+        rank = (logits > sampled).sum(-1)                # 0: the most likely token
+        assert (rank < 3).all(), f"batch {batch}: a token outside the top 3 was sampled (ranks {rank.tolist()})"
+        assert set(rank.flatten().tolist()) == {0, 1, 2}, f"batch {batch}: not sampling among all 3"
 
 
 def test_generate_long_random_stream_stays_finite():
@@ -786,6 +931,23 @@ def test_depo_answers_match_walking_the_decoded_cycle(preset):
             assert len({(hop % nodes, start) for hop, start, *_ in queries}) == len(queries)
 
 
+@pytest.mark.parametrize("preset, examples", [("cpu", 10_000), ("paper", 4000)])
+def test_depo_training_graph_sizes_follow_the_weights_one_over_n_plus_sqrt_max_nodes(preset, examples):
+    task = data.make_task("depo", preset)
+    p = task.params
+    n = np.arange(p["min_nodes"], p["max_nodes"] + 1)
+    # only graphs with room for `queries` distinct (hop mod n, start) pairs (the paper preset's n = 3 has 9)
+    expected = (n * np.minimum(n, p["max_hops"]) >= p["queries"]) / (n + math.sqrt(p["max_nodes"]))
+    expected /= expected.sum()
+    idx = task.train_batch(examples, step=0)[0]
+    nodes = (idx == task.encode("->")[0]).sum(dim=1).numpy()   # one arrow per edge, one edge per node
+    assert n[0] <= nodes.min() and nodes.max() <= n[-1]
+    observed = np.bincount(nodes - n[0], minlength=len(n)) / examples
+    # Kolmogorov-Smirnov: the cumulative distributions differ by less than the 0.1% critical value
+    gap = np.abs(np.cumsum(observed) - np.cumsum(expected)).max()
+    assert gap < 1.95 / math.sqrt(examples), f"graph sizes: CDF gap {gap:.4f}, observed {observed[:6].round(3)}..."
+
+
 def test_depo_small_graphs_still_get_distinct_queries():
     task = data.make_task("depo", "cpu", min_nodes=3, max_nodes=4, queries=4, query_len=16)
     for tokens in rows_of(task, task.train_batch(100, step=0, levels=[1])[0]):
@@ -814,6 +976,21 @@ def test_math_answers_match_evaluating_the_decoded_statements(rendering):
             assert all(0 <= v < task.params["values"] for v in values.values())
             assert task.decode(target_row[marker:marker + 1]) == str(answer)
         assert with_distractors >= 0.8 * batch
+
+
+def test_math_distractors_come_in_every_kind_and_a_quarter_are_constants():
+    # Each distractor draws its kind uniformly from const, sum, diff, more; an operation that would leave
+    # 0..values-1 becomes a difference, so only the constants keep exactly their quarter.
+    task = data.make_task("math", "cpu")
+    kinds = []
+    for tokens in rows_of(task, task.train_batch(400, step=4)[0]):
+        asked, statements, _, _ = parse_math(task, tokens)
+        used = set()
+        evaluate_math(statements, asked, used)
+        kinds += [statements[q][0] for q in statements if q not in used]
+    share = {kind: kinds.count(kind) / len(kinds) for kind in ("const", "sum", "diff", "more")}
+    assert len(kinds) > 1000 and abs(share["const"] - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(kinds)), share
+    assert min(share.values()) > 0.1, share
 
 
 # ---- layouts
@@ -911,6 +1088,12 @@ def test_eval_set_is_fixed_and_a_prefix_of_longer_eval_sets(name):
     assert all(torch.equal(a, b) for a, b in zip(long, data.make_task(name).eval_set(level, 40)))
     assert (long[2] == level).all()
     assert not torch.equal(long[0], task.eval_set(level, 40, seed=1)[0])
+
+
+def test_each_evaluation_level_draws_its_own_inputs():
+    task = data.make_task("rule110", "gpu")             # 4 states of 24 cells: no input repeats by chance
+    states = [{tuple(row) for row in task.eval_set(level, 128)[0][:, :96].tolist()} for level in (2, 4)]
+    assert len(states[0]) == len(states[1]) == 128 and states[0].isdisjoint(states[1])
 
 
 @pytest.mark.parametrize("name,overrides", [
@@ -1308,6 +1491,19 @@ def test_resume_and_eval_only_take_the_runs_settings_from_the_checkpoint(tmp_pat
     assert (cfg.task, cfg.seed, cfg.batch_size, cfg.eval_sleep_passes, cfg.eval_examples) == ("depo", 3, 6, "1,2", 4)
 
 
+def test_the_seed_decides_the_initial_weights(tmp_path):
+    def initial_weights(folder, seed):                   # learning rates 0: the checkpoint holds the initial weights
+        quiet_train(SMOKE + [f"--out_dir={tmp_path / folder}", f"--seed={seed}", "--learning_rate=0", "--adamw_lr=0",
+                             "--max_iters=1", "--eval_interval=1"])
+        return torch.load(tmp_path / folder / "ckpt.pt", weights_only=False)["model"]
+    first, again, other = initial_weights("a", 0), initial_weights("b", 0), initial_weights("c", 1)
+    for name, w in first.items():
+        assert torch.equal(again[name], w), f"{name}: the same seed should give the same initial weights"
+        if len(w.unique()) > 1:                          # every randomly initialised tensor
+            assert not torch.equal(other[name], w), f"{name}: another seed should give other initial weights"
+    assert sum(len(w.unique()) > 1 for w in first.values()) >= 10
+
+
 def test_a_new_run_refuses_to_overwrite_a_checkpoint(tmp_path):
     quiet_train(SMOKE + [f"--out_dir={tmp_path}"])
     with pytest.raises(ValueError, match="already holds a run"):
@@ -1435,6 +1631,48 @@ def test_help_documents_every_setting_and_the_tasks_parameters(capsys):
     assert "--sleep_passes=4" in capsys.readouterr().out
 
 
+class ScriptedModel(torch.nn.Module):
+    """Stands in for the model in train.evaluate: its logits' argmax is the given prediction, row by row."""
+
+    def __init__(self, inputs, predictions, vocab_size):
+        super().__init__()
+        self.inputs, self.predictions, self.vocab_size, self.seen = inputs, predictions, vocab_size, 0
+        self.sleep_passes = []
+
+    def forward(self, x, y, sleep_passes=None):
+        rows = slice(self.seen, self.seen + len(x))
+        assert torch.equal(x, self.inputs[rows])
+        self.sleep_passes.append(sleep_passes)
+        self.seen += len(x)
+        return F.one_hot(self.predictions[rows], self.vocab_size).double(), None
+
+
+def test_evaluate_counts_an_example_exactly_right_only_when_all_its_answers_and_their_tokens_are():
+    task = data.make_task("depo", "paper")              # 10 answers per example, some of two tokens
+    idx, targets, difficulty = task.eval_set(16, 6)
+    prediction = torch.where(targets == -1, 0, targets)
+    wrong_answers = [0, 1, 10, 0, 2, 9]                  # per example: how many of its 10 answers to get wrong
+    for row, n_wrong in enumerate(wrong_answers):
+        positions = torch.nonzero(targets[row] != -1).flatten().tolist()
+        runs = [[p] for p in positions[:1]]              # an answer: a run of consecutive target positions
+        for p in positions[1:]:
+            if p == runs[-1][-1] + 1:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        assert len(runs) == 10
+        if row == 1:                                     # only the second token of a two-token answer
+            runs = [[r[1]] for r in runs if len(r) == 2]
+        for run in runs[:n_wrong]:
+            prediction[row, run[-1]] = (targets[row, run[-1]] + 1) % task.vocab_size
+    model = ScriptedModel(idx, prediction, task.vocab_size)
+    results = train.evaluate(model, task, {16: (idx, targets, difficulty)}, batch_size=4, device="cpu",
+                             sleep_passes=3)
+    assert model.seen == 6 and model.sleep_passes == [3, 3], "evaluate runs the model at the N it is given"
+    assert results[16]["item"] == pytest.approx(1 - sum(wrong_answers) / 60)
+    assert results[16]["exact"] == pytest.approx(2 / 6)      # examples 0 and 3
+
+
 def test_lr_multiplier_warms_up_from_above_zero_then_decays_to_the_floor():
     cfg = train.TrainConfig(warmup_iters=10, max_iters=110, min_lr_frac=0.1)
     values = [train.lr_multiplier(step, cfg) for step in range(111)]
@@ -1468,6 +1706,19 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path, task):
     assert_same_training(one, two, rtol=1e-4)
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         train.parse_args(["--batch_size=5", "--gradient_accumulation_steps=2"])
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_answer_tokens(tmp_path):
+    # Two-token Depo names: the micro-batches of a step hold different numbers of answer tokens, so
+    # averaging their mean losses with equal weights would change the update.
+    flags = ["--task=depo", "--prefix_tokens=4", "--query_len=18"]
+    cfg, overrides = smoke_config(tmp_path, *flags, "--gradient_accumulation_steps=2")
+    steps = train.StepBatches(train.make_task("depo", **overrides), cfg)
+    counts = [[int((steps[s][1][m:m + 2] >= 0).sum()) for m in (0, 2)] for s in range(3)]
+    assert sum(a != b for a, b in counts) >= 2, f"answer tokens per micro-batch: {counts}"
+    one = losses_and_grad_norms(tmp_path / "k1", *flags)
+    two = losses_and_grad_norms(tmp_path / "k2", *flags, "--gradient_accumulation_steps=2")
+    assert_same_training(one, two, rtol=1e-4)
 
 
 def test_worker_processes_make_exactly_the_in_loop_batches(tmp_path):
@@ -1556,12 +1807,76 @@ def test_curriculum_raises_the_hardest_level_to_all_levels_and_n_draws_are_seede
     assert draws == [train.step_sleep_passes(step, cfg, [1, 2, 4]) for step in range(50)]
 
 
+def test_curriculum_cap_rises_linearly_over_curriculum_iters_not_over_the_run(tmp_path):
+    cfg, _ = smoke_config(tmp_path, "--curriculum_iters=100")        # rule110 cpu: levels t = 1..8, 4 steps in all
+    task = train.make_task(cfg.task)
+    assert task.train_levels == tuple(range(1, 9))
+    # the cap is 1 + 7 step / 100: 1 at step 0, 2.75 at 25, 4.5 at 50, 6.25 at 75, 7.93 at 99
+    for step, hardest in ((0, 1), (25, 2), (50, 4), (75, 6), (99, 7), (100, 8), (500, 8)):
+        assert list(train.training_levels(step, cfg, task)) == list(range(1, hardest + 1)), f"step {step}"
+
+
+def test_the_lr_schedule_drives_both_optimizers(tmp_path):
+    cfg, _ = quiet_train(SMOKE + [f"--out_dir={tmp_path}"])     # 4 steps, 2 of warm-up
+    muon, adamw = torch.load(tmp_path / "ckpt.pt", weights_only=False)["optimizers"]
+    last = train.lr_multiplier(cfg.max_iters - 1, cfg)           # the last step's multiplier: 0.55
+    assert last < 1
+    assert [g["lr"] for g in muon["param_groups"]] == pytest.approx([cfg.learning_rate * last])
+    assert [g["lr"] for g in adamw["param_groups"]] == pytest.approx([cfg.adamw_lr * last])
+
+
+def test_training_batches_follow_the_curriculum_step_by_step(tmp_path):
+    cfg, _ = smoke_config(tmp_path, "--curriculum_iters=4", "--max_iters=8", "--batch_size=64")
+    task = train.make_task(cfg.task)                     # rule110 cpu: one state, then its query "?1@t<t>"
+    batches = train.StepBatches(task, cfg)
+    # the cap 1 + 7 step / 4: 1, 2.75, 4.5, 6.25, then every level (t = 1..8)
+    for step, hardest in ((0, 1), (1, 2), (2, 4), (3, 6), (4, 8), (7, 8)):
+        rollouts = {int(task.vocab[i].split("@t")[1]) for i in batches[step][0][:, -1].tolist()}
+        assert max(rollouts) == hardest, f"step {step}: rollouts {sorted(rollouts)}"
+
+
+def test_train_sleep_passes_trains_each_step_at_its_drawn_n(tmp_path, monkeypatch):
+    passes = []
+    real_forward = SleepLM.forward
+
+    def recording(self, idx, targets=None, **kwargs):
+        if self.training:
+            passes.append(kwargs.get("sleep_passes"))
+        return real_forward(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(SleepLM, "forward", recording)
+    cfg, _ = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--train_sleep_passes=1,2,3", "--max_iters=8",
+                                  "--eval_interval=8"])
+    assert passes == [train.step_sleep_passes(step, cfg, [1, 2, 3]) for step in range(8)]
+    assert set(passes) == {1, 2, 3}
+
+
 def test_input_injection_changes_sleep_but_not_the_wake_pass():
     x = tokens(2, 24)
     plain, injected = tiny_model(), tiny_model(input_injection=True)
     a, b = plain(x)[0], injected(x)[0]
     assert_close(b[:, :8], a[:, :8], what="first window (wake pass, same weights)")
     assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-6, "injection should change what sleep writes into S"
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_weight_decay_shrinks_exactly_the_hidden_matrices_and_nothing_when_it_is_zero(optimizer):
+    # With zero gradients, an optimizer step changes a parameter only through its weight decay.
+    for weight_decay in (0.0, 0.1):
+        model = tiny_model(dtype=torch.float32)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        optimizers = train.configure_optimizers(model, 0.01, 0.01, weight_decay=weight_decay, optimizer=optimizer)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        for opt in optimizers:
+            opt.step()
+        for name, p in model.named_parameters():
+            gate = name.endswith(("a_proj.weight", "b_proj.weight"))
+            hidden = name.startswith("blocks.") and p.dim() == 2 and not gate
+            if weight_decay and hidden:                  # decoupled decay: p <- p (1 - lr weight_decay)
+                assert_close(p.detach(), before[name] * (1 - 0.01 * weight_decay), 1e-6, 0, what=f"{name} decayed")
+            else:
+                assert torch.equal(p.detach(), before[name]), f"{name} changed, weight_decay={weight_decay}"
 
 
 # -- bench.py must keep running: its --quick mode produces every row with finite numbers (no timing asserted)
