@@ -31,6 +31,7 @@ update only up to float rounding.
 """
 
 import copy
+import ctypes
 import dataclasses
 import difflib
 import inspect
@@ -304,7 +305,8 @@ def train(cfg, task_overrides, log=print, later_steps=None):
         log = lambda *a: None            # noqa: E731 (only rank 0 logs, evaluates and checkpoints)
     if device == "cpu":
         torch.set_flush_denormal(True)   # exp-decay products go denormal; they made a step ~20x slower
-        torch.set_num_threads(cfg.threads or 1)   # torch's one per core: 25x slower steps when the cores are busy
+        torch.set_num_threads(cfg.threads or 1)   # torch's one per core: 13x slower steps when the cores are busy
+        keep_freed_memory()              # a fast path: same numbers, ~10% less CPU time per step
     run = start_or_resume(cfg, task_overrides, device, log)   # model, task, optimizers, step, ... (or a checkpoint's)
     task, model, optimizers = run["task"], run["model"], run["optimizers"]
     eval_passes = int_list(cfg.eval_sleep_passes, "eval_sleep_passes") or [model.config.sleep_passes]
@@ -846,6 +848,20 @@ def one_thread(worker_id):
 def autocast(device):
     """bf16 autocast on CUDA (the recurrent state stays float32 inside the model); float32 elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+def keep_freed_memory():
+    """On Linux (glibc), keep freed memory for the next step instead of returning it to the OS and faulting
+    it back in: about 10,000 page faults per CPU step of the cpu presets fewer, and ~10% less CPU time.
+    The numbers do not change (test_a_parallel_sweep_trains_... and the resume tests are bitwise)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    for option, value in ((-3, 32 << 20), (-1, 1 << 30), (-2, 64 << 20)):   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD,
+        libc.mallopt(option, value)                                           # M_TOP_PAD (malloc.h)
 
 
 def for_training(model, cfg, device, world_size):
