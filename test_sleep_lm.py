@@ -1,4 +1,11 @@
-"""Tests for sleep-lm. CPU, seconds. Run: python -m pytest -q test_sleep_lm.py"""
+"""Tests for sleep-lm, in the order of the files they check: sleep_lm.py, data.py, train.py, bench.py,
+probe.py, scripts/, then the commands of README.md and docs/.
+
+    python -m pytest -q test_sleep_lm.py            everything (what CI runs): SUITE_TIME on 2 idle CPU cores
+    QUICK=1 python -m pytest -q test_sleep_lm.py    without the tests marked @slow: QUICK_TIME, for an edit loop
+
+On a machine with CUDA the parity and training tests also run on the GPU.
+"""
 
 import contextlib
 import dataclasses
@@ -22,6 +29,7 @@ import data
 import train
 from sleep_lm import CompiledSleepCache, SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
 
+
 # Parity tests run on every device here: exactly (float64) on the CPU; on CUDA in float32 and under
 # bf16 autocast. The local rule keeps its state math in float32 under autocast, so its bf16 tolerance
 # is float32's. Measured once under CPU bf16 autocast: rule differences up to 1e-5 (gradients), logits
@@ -35,6 +43,15 @@ TOLERANCE = {  # (rtol, atol) for the local rule and for model logits
     "float32": dict(rule=(1e-4, 1e-5), model=(1e-4, 1e-4)),
     "bf16": dict(rule=(1e-4, 1e-5), model=(0.02, 0.15)),
 }
+
+
+HERE = Path(__file__).parent
+# One thread: the tensors here are small, and torch's one thread per core stalls when other work holds a core.
+torch.set_num_threads(1)
+
+# QUICK=1 python -m pytest -q test_sleep_lm.py skips the slow tests (compiles, subprocesses, sweeps, bench):
+# the edit loop. The README's command and CI run everything.
+slow = pytest.mark.skipif(os.environ.get("QUICK") == "1", reason="slow: QUICK=1 skips it")
 
 
 def autocast(device, precision):
@@ -84,14 +101,16 @@ def tokens(B, T, vocab=13, seed=1, low=0, device="cpu"):
     return torch.randint(low, vocab, (B, T), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-# -- the local rule ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# sleep_lm.py: the local rule
 
 
 @pytest.mark.parametrize("device, precision", PRECISIONS)
 @pytest.mark.parametrize("chunk_size", [1, 5, 8, 64])
 def test_chunked_rule_matches_recurrent_outputs_state_and_gradients(chunk_size, device, precision):
     rtol, atol = TOLERANCE[precision]["rule"]
-    inputs = [x.to(device).requires_grad_() for x in random_rule_inputs(T=37, dtype=DTYPE[precision])]  # 37: no C divides it
+    # T = 37: no chunk length divides it
+    inputs = [x.to(device).requires_grad_() for x in random_rule_inputs(T=37, dtype=DTYPE[precision])]
     q, k, v, log_decay, beta, state = inputs
     with autocast(device, precision):
         o_ref, s_ref = gated_delta_rule(q, k, v, log_decay, beta, state=state)
@@ -163,12 +182,14 @@ def test_rule_rejects_bad_shapes(bad):
         kwargs["state"] = state[..., :3, :]
     else:
         kwargs["chunk_size"] = 0
-    name = {"q_rank": "q and k", "v_shape": "v", "beta_shape": "beta", "state_shape": "state", "chunk_size": "chunk_size"}[bad]
+    name = {"q_rank": "q and k", "v_shape": "v", "beta_shape": "beta", "state_shape": "state",
+            "chunk_size": "chunk_size"}[bad]
     with pytest.raises(ValueError, match=name):
         gated_delta_rule(q, k, v, log_decay, beta, **kwargs)
 
 
-# -- the attention layer ------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# sleep_lm.py: the attention layer, against an independent float64 reference
 
 
 def reference_rope(x, pos, base):
@@ -249,7 +270,8 @@ def test_rope_is_a_rotation_that_makes_scores_depend_on_relative_position_only()
     assert (score(5, 2) - score(2, 5)).abs().min() > 1e-3, "and on its sign"
 
 
-# -- the Gated DeltaNet layer -------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# sleep_lm.py: the Gated DeltaNet layer, against an independent float64 reference
 
 
 def reference_gated_deltanet(mixer, x, conv_window, S):
@@ -298,30 +320,34 @@ def test_gated_deltanet_layer_matches_an_independent_reference(with_context):
         assert torch.equal(window, window_ref)
 
 
-# -- the sleep loop ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# sleep_lm.py: the model and the sleep loop
 
 
-@pytest.mark.parametrize("device, precision", PRECISIONS)
-def test_one_pass_with_sliding_eviction_is_the_plain_sliding_window_hybrid(device, precision):
-    # N = 1 under sliding eviction: no sleep, so the windows must add up to one ordinary pass of a
-    # sliding-window-attention + GDN hybrid over the whole sequence.
-    model = tiny_model(dtype=DTYPE[precision], device=device)
-    x = tokens(2, 29, device=device)
-    with autocast(device, precision):
-        logits, _ = model(x, sleep_passes=1, eviction="sliding")
-        context, S = model.empty_state(2)
-        h, _, _ = model.block_pass(model.wte(x), torch.arange(29, device=device), context, S, span=model.config.window)
-        plain = model.head(h)
-    assert_close(logits, plain, *TOLERANCE[precision]["model"], what="windowed N=1 vs one plain pass")
-
-
-@pytest.mark.parametrize("device, precision", PRECISIONS)
-def test_sleep_passes_one_is_the_plain_hybrid_whatever_the_config_says(device, precision):
-    x = tokens(2, 29, device=device)
-    with autocast(device, precision):
-        plain, _ = tiny_model(sleep_passes=1, dtype=DTYPE[precision], device=device)(x)
-        overridden, _ = tiny_model(sleep_passes=4, dtype=DTYPE[precision], device=device)(x, sleep_passes=1)
-    assert_close(overridden, plain, *TOLERANCE[precision]["model"], what="config N=4 called with N=1 vs config N=1")
+def test_initial_weights_follow_the_init_table():
+    torch.manual_seed(0)
+    model = SleepLM(tiny_config(n_embd=64, n_head=2))
+    K = model.config.conv_size
+    for name, p in model.named_parameters():
+        p = p.detach().double()
+        if name.endswith("A_log"):                      # decay rates exp(A_log) in [1, 16]
+            assert 1 <= p.exp().min() and p.exp().max() <= 16, name
+        elif name.endswith("dt_bias"):                  # softplus(dt_bias) = dt in [1e-3, 0.1]
+            dt = F.softplus(p)
+            assert 1e-3 * (1 - 1e-5) <= dt.min() and dt.max() <= 0.1 * (1 + 1e-5), name   # float32 rounding
+        elif name.endswith(("mixer.proj.weight", "mlp.proj.weight")):
+            assert not p.any(), f"{name}: output projections start at zero"
+        elif "norm" in name:
+            assert (p == 1).all(), name
+        elif name == "wte.weight":
+            assert 0.9 < p.std() < 1.1, name
+        elif name == "lm_head.weight":
+            assert 0.0009 < p.std() < 0.0011, name
+        elif name.endswith("conv_weight"):               # uniform with std 1 / sqrt(K)
+            assert p.abs().max() <= math.sqrt(3 / K) and 0.8 < p.std() * math.sqrt(K) < 1.2, name
+        else:                                            # qkv, mlp.fc, g/a/b_proj: uniform, std 1 / sqrt(fan_in)
+            fan_in = p.shape[-1]
+            assert p.abs().max() <= math.sqrt(3 / fan_in) and 0.8 < p.std() * math.sqrt(fan_in) < 1.2, name
 
 
 def test_algorithm1_is_forward_with_the_default_options():
@@ -344,6 +370,29 @@ def test_algorithm1_is_forward_with_the_default_options():
     assert_close(loss, expected_loss, what="loss")
     for g, expected in zip(grads, expected_grads):
         assert_close(g, expected, what="gradients")
+
+
+@pytest.mark.parametrize("device, precision", PRECISIONS)
+def test_sleep_passes_one_is_the_plain_hybrid_whatever_the_config_says(device, precision):
+    x = tokens(2, 29, device=device)
+    with autocast(device, precision):
+        plain, _ = tiny_model(sleep_passes=1, dtype=DTYPE[precision], device=device)(x)
+        overridden, _ = tiny_model(sleep_passes=4, dtype=DTYPE[precision], device=device)(x, sleep_passes=1)
+    assert_close(overridden, plain, *TOLERANCE[precision]["model"], what="config N=4 called with N=1 vs config N=1")
+
+
+@pytest.mark.parametrize("device, precision", PRECISIONS)
+def test_one_pass_with_sliding_eviction_is_the_plain_sliding_window_hybrid(device, precision):
+    # N = 1 under sliding eviction: no sleep, so the windows must add up to one ordinary pass of a
+    # sliding-window-attention + GDN hybrid over the whole sequence.
+    model = tiny_model(dtype=DTYPE[precision], device=device)
+    x = tokens(2, 29, device=device)
+    with autocast(device, precision):
+        logits, _ = model(x, sleep_passes=1, eviction="sliding")
+        context, S = model.empty_state(2)
+        h, _, _ = model.block_pass(model.wte(x), torch.arange(29, device=device), context, S, span=model.config.window)
+        plain = model.head(h)
+    assert_close(logits, plain, *TOLERANCE[precision]["model"], what="windowed N=1 vs one plain pass")
 
 
 def test_hard_eviction_hides_evicted_windows_from_attention_only_models():
@@ -370,6 +419,17 @@ def test_a_single_prediction_window_gives_the_same_loss_for_every_N():
         assert_close(loss, losses[0], what="loss at N > 1 vs N = 1")
 
 
+def test_a_window_whose_only_answer_is_its_last_token_predicts_and_is_never_slept_on():
+    model = tiny_model(sleep_passes=3)
+    x = tokens(2, 16)
+    y = torch.full_like(x, -1)
+    y[:, [7, 15]] = x[:, [7, 15]]                        # one answer each, on the last token of both windows
+    logits, loss = model(x, y, sleep_passes=1)
+    by_hand = F.cross_entropy(logits[:, [7, 15]].reshape(-1, 13), y[:, [7, 15]].reshape(-1))
+    assert_close(loss, by_hand, what="loss over both answers")
+    assert_close(model(x, y, sleep_passes=3)[1], loss, what="no window sleeps: every N gives the N = 1 loss")
+
+
 def test_sleep_changes_the_loss_and_gradients_reach_the_first_window():
     model = tiny_model()
     x = torch.cat([tokens(2, 8, vocab=6), tokens(2, 16, seed=2, vocab=13, low=6)], dim=1)  # ids < 6 only in window 1
@@ -381,6 +441,16 @@ def test_sleep_changes_the_loss_and_gradients_reach_the_first_window():
     loss_3.backward()
     first_window_rows = model.wte.weight.grad[:6]
     assert first_window_rows.abs().sum() > 0, "no gradient reached the embeddings of the first window"
+
+
+def test_every_parameter_gets_a_gradient_in_a_training_step():
+    model = tiny_model(sleep_passes=2)
+    x = tokens(2, 24)                                    # two consolidation windows, one prediction window
+    y = torch.full_like(x, -1)
+    y[:, -3:] = x[:, -3:]
+    model(x, y)[1].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
 
 
 def test_truncated_backprop_keeps_the_loss_and_checkpointing_keeps_loss_and_gradients():
@@ -420,17 +490,6 @@ def test_truncated_backprop_is_straight_through_to_the_first_windows_embeddings(
     assert model.wte.weight.grad[:6].abs().sum() > 0, "no gradient reached the embeddings of the first window"
 
 
-def test_a_window_whose_only_answer_is_its_last_token_predicts_and_is_never_slept_on():
-    model = tiny_model(sleep_passes=3)
-    x = tokens(2, 16)
-    y = torch.full_like(x, -1)
-    y[:, [7, 15]] = x[:, [7, 15]]                        # one answer each, on the last token of both windows
-    logits, loss = model(x, y, sleep_passes=1)
-    by_hand = F.cross_entropy(logits[:, [7, 15]].reshape(-1, 13), y[:, [7, 15]].reshape(-1))
-    assert_close(loss, by_hand, what="loss over both answers")
-    assert_close(model(x, y, sleep_passes=3)[1], loss, what="no window sleeps: every N gives the N = 1 loss")
-
-
 @pytest.mark.parametrize("bptt_passes", [1, 2, 3, 5])
 def test_truncated_backprop_records_the_last_k_passes_of_a_consolidation_window(bptt_passes):
     model = tiny_model(sleep_passes=4, bptt_passes=bptt_passes, layers="AG")
@@ -462,7 +521,8 @@ def test_sleep_passes_rerun_only_the_sliced_blocks_on_their_own_output():
     y = torch.full_like(x, -1)
     y[:, -3:] = x[:, -3:]
     calls = [0] * 4
-    hooks = [b.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, b in enumerate(model.blocks)]
+    hooks = [b.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, b in enumerate(model.blocks)]
     logits, loss = model(x, y)
     for hook in hooks:
         hook.remove()
@@ -484,130 +544,16 @@ def test_sleep_passes_rerun_only_the_sliced_blocks_on_their_own_output():
     assert (loss - whole_stack).abs() > 1e-8, "looping a slice should change the loss"
 
 
-def test_every_parameter_gets_a_gradient_in_a_training_step():
-    model = tiny_model(sleep_passes=2)
-    x = tokens(2, 24)                                    # two consolidation windows, one prediction window
-    y = torch.full_like(x, -1)
-    y[:, -3:] = x[:, -3:]
-    model(x, y)[1].backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing, f"no gradient for {missing}"
+def test_input_injection_changes_sleep_but_not_the_wake_pass():
+    x = tokens(2, 24)
+    plain, injected = tiny_model(), tiny_model(input_injection=True)
+    a, b = plain(x)[0], injected(x)[0]
+    assert_close(b[:, :8], a[:, :8], what="first window (wake pass, same weights)")
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-6, "injection should change what sleep writes into S"
 
 
-def test_initial_weights_follow_the_init_table():
-    torch.manual_seed(0)
-    model = SleepLM(tiny_config(n_embd=64, n_head=2))
-    K = model.config.conv_size
-    for name, p in model.named_parameters():
-        p = p.detach().double()
-        if name.endswith("A_log"):                      # decay rates exp(A_log) in [1, 16]
-            assert 1 <= p.exp().min() and p.exp().max() <= 16, name
-        elif name.endswith("dt_bias"):                  # softplus(dt_bias) = dt in [1e-3, 0.1]
-            dt = F.softplus(p)
-            assert 1e-3 * (1 - 1e-5) <= dt.min() and dt.max() <= 0.1 * (1 + 1e-5), name   # float32 rounding
-        elif name.endswith(("mixer.proj.weight", "mlp.proj.weight")):
-            assert not p.any(), f"{name}: output projections start at zero"
-        elif "norm" in name:
-            assert (p == 1).all(), name
-        elif name == "wte.weight":
-            assert 0.9 < p.std() < 1.1, name
-        elif name == "lm_head.weight":
-            assert 0.0009 < p.std() < 0.0011, name
-        elif name.endswith("conv_weight"):               # uniform with std 1 / sqrt(K)
-            assert p.abs().max() <= math.sqrt(3 / K) and 0.8 < p.std() * math.sqrt(K) < 1.2, name
-        else:                                            # qkv, mlp.fc, g/a/b_proj: uniform, std 1 / sqrt(fan_in)
-            fan_in = p.shape[-1]
-            assert p.abs().max() <= math.sqrt(3 / fan_in) and 0.8 < p.std() * math.sqrt(fan_in) < 1.2, name
-
-
-def test_compiled_model_matches_eager_loss_and_gradients():
-    # aot_eager_decomp_partition: dynamo + AOT autograd, run eagerly, no C++ compiler. Plain aot_eager
-    # fails in backward on this model with torch 2.13 (eager softplus_backward returns other strides
-    # than the traced graph assumes, "view size is not compatible"); inductor compiles it.
-    # train.py --compile compiles each window (process_window) with fullgraph=True, and the whole window
-    # loop (run_windows) must compile as one graph too: fullgraph fails on any graph break, which would
-    # cost a device sync per window on CUDA and split its CUDA graphs. forward adds only the eager
-    # checks (plan_windows) in front of the loop. The loop's graph runs on dynamo's "eager" backend:
-    # a graph break fails there just as well, in half the time of the test.
-    model = tiny_model(dtype=torch.float32, layers="AG", gdn_chunk_size=8)
-    compiled = train.compiled_for_training(model, backend="aot_eager_decomp_partition")
-    assert "process_window" not in vars(model), "the model itself stays eager (evaluation uses it)"
-    loop = torch.compile(model.run_windows, backend="eager", fullgraph=True)
-    x = tokens(2, 16)                                    # a consolidation window, then a prediction window
-    y = torch.full_like(x, -1)
-    y[:, -3:] = x[:, -3:]
-    plan = model.plan_windows(x, y, model.config.window)
-    assert plan == (True, False)
-    for N, bptt_passes in ((1, None), (2, None), (2, 1)):
-        model.config.bptt_passes = bptt_passes
-        results = []
-        for forward in (model, compiled, lambda x, y, sleep_passes: loop(x, y, plan, sleep_passes, model.config.window, "hard")):
-            model.zero_grad()
-            loss = forward(x, y, sleep_passes=N)[1]
-            loss.backward()
-            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-        (eager_loss, eager_grads), *others = results
-        for kind, (compiled_loss, compiled_grads) in zip(("train.py --compile", "fullgraph window loop"), others):
-            what = f"{kind}, N={N}, bptt_passes={bptt_passes}"
-            assert_close(compiled_loss, eager_loss, 1e-6, 1e-6, what=f"loss, {what}")
-            for (name, _), a, b in zip(model.named_parameters(), compiled_grads, eager_grads):
-                assert_close(a, b, 1e-4, 1e-6, what=f"grad of {name}, {what}")
-
-
-@torch._dynamo.config.patch(recompile_limit=2)
-def test_compiled_training_survives_more_kinds_of_window_than_torchs_default_recompile_limit():
-    # Each (window kind, N, grad mode) is a graph of its own; under fullgraph=True, passing torch's
-    # recompile limit (default 8) raises instead of falling back (--train_sleep_passes=1,2,4,8 --compile
-    # did). Here the limit starts at 2, to need fewer graphs; compiled_for_training must raise it.
-    # (torch's own config.patch: pytest >= 9.2's monkeypatch deletes the setting on undo, which hides it.)
-    model = tiny_model(dtype=torch.float32, layers="G")
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-    fast = train.compiled_for_training(model, backend=counting_backend)
-    x = tokens(2, 16)                                    # a consolidation window, then a prediction window
-    y = torch.full_like(x, -1)
-    y[:, -3:] = x[:, -3:]
-    with torch.no_grad():
-        for N in range(1, 5):
-            assert_close(fast(x, y, sleep_passes=N)[1], model(x, y, sleep_passes=N)[1], 1e-6, 1e-6, what=f"N={N}")
-    assert len(graphs) > 2
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels and CUDA graphs need CUDA")
-@pytest.mark.parametrize("mode, precision", [("default", "bf16"), ("reduce-overhead", "float32")])
-def test_inductor_compiled_training_matches_eager_on_cuda(mode, precision):
-    # train.py --compile --compile_mode=MODE on the GPU: real inductor kernels (and, for reduce-overhead,
-    # CUDA graphs: the first call warms up, the second records, the third replays on new inputs, where
-    # stale inputs would show).
-    model = tiny_model(dtype=torch.float32, device="cuda", layers="AG", window=8)
-    compiled = train.compiled_for_training(model, mode)
-    rtol, atol = TOLERANCE[precision]["model"]
-    for batch in range(3):
-        x = tokens(4, 24, seed=batch).cuda()                 # two consolidation windows, then a prediction window
-        y = torch.full_like(x, -1)
-        y[:, -3:] = x[:, -3:]
-        results = []
-        for forward in (model, compiled):
-            model.zero_grad()
-            if forward is compiled and mode == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()
-            with autocast("cuda", precision):
-                logits, loss = forward(x, y, sleep_passes=3)
-            loss.backward()
-            results.append((logits.detach().clone(), loss.detach().clone(), [p.grad.clone() for p in model.parameters()]))
-        (logits, loss, grads), (c_logits, c_loss, c_grads) = results
-        what = f"mode={mode}, {precision}, batch {batch}"
-        assert_close(c_logits, logits, rtol, atol, what=f"logits, {what}")
-        assert_close(c_loss, loss, rtol, atol, what=f"loss, {what}")
-        if precision == "float32":
-            for (name, _), a, b in zip(model.named_parameters(), c_grads, grads):
-                assert_close(a, b, 1e-3, 1e-5, what=f"grad of {name}, {what}")
-
-
-# -- streaming ---------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# sleep_lm.py: streaming and generation
 
 
 @pytest.mark.parametrize("device, precision", PRECISIONS)
@@ -658,31 +604,6 @@ def test_cache_holds_exactly_the_current_window_and_the_kept_context(eviction, s
 
 
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
-def test_compiled_one_token_wake_has_static_shapes_and_matches_the_eager_cache(eviction):
-    # CompiledSleepCache keeps every attention context at L - 1 entries, so that all one-token
-    # wake steps share one graph: a backend that counts its compiles sees exactly one over three windows
-    # (prefill, sleeps and evictions in between), and the logits equal the eager cache's.
-    model = tiny_model(sleep_passes=2, eviction=eviction)
-    compiles = []
-
-    def counting_backend(graph_module, example_inputs):
-        compiles.append(graph_module)
-        return graph_module.forward
-    fast = CompiledSleepCache(model, 2, compile_mode="default")
-    fast.compiled_step = torch.compile(fast.eager_step, backend=counting_backend, fullgraph=True, dynamic=False)
-    x = tokens(2, 29)                                    # windows of 8: three sleeps and a partial window
-    with torch.no_grad():
-        eager = SleepCache(model, 2)
-        expected = torch.cat([eager.feed(x[:, t:t + 1]) for t in range(29)], dim=1)
-        streamed = torch.cat([fast.feed(x[:, :5])] + [fast.feed(x[:, t:t + 1]) for t in range(5, 29)], dim=1)
-    assert_close(streamed, expected, what="static-shape compiled wake vs the eager cache")
-    assert len(compiles) == 1, f"{len(compiles)} graphs: the one-token step changed shape"
-    for ctx, block in zip(fast.context, model.blocks):
-        if block.kind == "A":
-            assert ctx[0].shape[2] == model.config.window - 1
-
-
-@pytest.mark.parametrize("eviction", ["hard", "sliding"])
 def test_generate_at_temperature_zero_is_greedy(eviction):
     model = tiny_model(sleep_passes=2, eviction=eviction)
     prompt = tokens(2, 5)
@@ -709,6 +630,7 @@ def test_generate_with_top_k_samples_among_each_rows_k_most_likely_tokens_and_on
         assert set(rank.flatten().tolist()) == {0, 1, 2}, f"batch {batch}: not sampling among all 3"
 
 
+@slow
 def test_generate_long_random_stream_stays_finite():
     torch.manual_seed(0)
     model = SleepLM(tiny_config(window=64, sleep_passes=2, gdn_chunk_size=32))
@@ -725,7 +647,8 @@ def test_generate_long_random_stream_stays_finite():
     assert out.shape == (1, 120) and out.min() >= 0 and out.max() < 13
 
 
-# -- bad input ---------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# sleep_lm.py: input checks
 
 
 @pytest.mark.parametrize("field, value", [
@@ -769,7 +692,131 @@ def test_invalid_calls_raise_value_error_naming_the_argument():
         model.generate(x, 2, top_k=0)
 
 
-# -- the tasks (data.py): every answer re-derived from the decoded text by an independent solver --
+# ----------------------------------------------------------------------------------------------------
+# sleep_lm.py: the fast paths (compiled), against eager
+
+
+@slow
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_compiled_one_token_wake_has_static_shapes_and_matches_the_eager_cache(eviction):
+    # CompiledSleepCache keeps every attention context at L - 1 entries, so that all one-token
+    # wake steps share one graph: a backend that counts its compiles sees exactly one over three windows
+    # (prefill, sleeps and evictions in between), and the logits equal the eager cache's.
+    model = tiny_model(sleep_passes=2, eviction=eviction)
+    compiles = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiles.append(graph_module)
+        return graph_module.forward
+    fast = CompiledSleepCache(model, 2, compile_mode="default")
+    fast.compiled_step = torch.compile(fast.eager_step, backend=counting_backend, fullgraph=True, dynamic=False)
+    x = tokens(2, 29)                                    # windows of 8: three sleeps and a partial window
+    with torch.no_grad():
+        eager = SleepCache(model, 2)
+        expected = torch.cat([eager.feed(x[:, t:t + 1]) for t in range(29)], dim=1)
+        streamed = torch.cat([fast.feed(x[:, :5])] + [fast.feed(x[:, t:t + 1]) for t in range(5, 29)], dim=1)
+    assert_close(streamed, expected, what="static-shape compiled wake vs the eager cache")
+    assert len(compiles) == 1, f"{len(compiles)} graphs: the one-token step changed shape"
+    for ctx, block in zip(fast.context, model.blocks):
+        if block.kind == "A":
+            assert ctx[0].shape[2] == model.config.window - 1
+
+
+@slow
+def test_compiled_model_matches_eager_loss_and_gradients():
+    # aot_eager_decomp_partition: dynamo + AOT autograd, run eagerly, no C++ compiler. Plain aot_eager
+    # fails in backward on this model with torch 2.13 (eager softplus_backward returns other strides
+    # than the traced graph assumes, "view size is not compatible"); inductor compiles it.
+    # train.py --compile compiles each window (process_window) with fullgraph=True, and the whole window
+    # loop (run_windows) must compile as one graph too: fullgraph fails on any graph break, which would
+    # cost a device sync per window on CUDA and split its CUDA graphs. forward adds only the eager
+    # checks (plan_windows) in front of the loop. The loop's graph runs on dynamo's "eager" backend:
+    # a graph break fails there just as well, in half the time of the test.
+    model = tiny_model(dtype=torch.float32, layers="AG", gdn_chunk_size=8)
+    compiled = train.compiled_for_training(model, backend="aot_eager_decomp_partition")
+    assert "process_window" not in vars(model), "the model itself stays eager (evaluation uses it)"
+    loop = torch.compile(model.run_windows, backend="eager", fullgraph=True)
+    x = tokens(2, 16)                                    # a consolidation window, then a prediction window
+    y = torch.full_like(x, -1)
+    y[:, -3:] = x[:, -3:]
+    plan = model.plan_windows(x, y, model.config.window)
+    assert plan == (True, False)
+    for N, bptt_passes in ((1, None), (2, None), (2, 1)):
+        model.config.bptt_passes = bptt_passes
+        results = []
+        for forward in (model, compiled,
+                        lambda x, y, sleep_passes: loop(x, y, plan, sleep_passes, model.config.window, "hard")):
+            model.zero_grad()
+            loss = forward(x, y, sleep_passes=N)[1]
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        (eager_loss, eager_grads), *others = results
+        for kind, (compiled_loss, compiled_grads) in zip(("train.py --compile", "fullgraph window loop"), others):
+            what = f"{kind}, N={N}, bptt_passes={bptt_passes}"
+            assert_close(compiled_loss, eager_loss, 1e-6, 1e-6, what=f"loss, {what}")
+            for (name, _), a, b in zip(model.named_parameters(), compiled_grads, eager_grads):
+                assert_close(a, b, 1e-4, 1e-6, what=f"grad of {name}, {what}")
+
+
+@slow
+@torch._dynamo.config.patch(recompile_limit=2)
+def test_compiled_training_survives_more_kinds_of_window_than_torchs_default_recompile_limit():
+    # Each (window kind, N, grad mode) is a graph of its own; under fullgraph=True, passing torch's
+    # recompile limit (default 8) raises instead of falling back (--train_sleep_passes=1,2,4,8 --compile
+    # did). Here the limit starts at 2, to need fewer graphs; compiled_for_training must raise it.
+    # (torch's own config.patch: pytest >= 9.2's monkeypatch deletes the setting on undo, which hides it.)
+    model = tiny_model(dtype=torch.float32, layers="G")
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    fast = train.compiled_for_training(model, backend=counting_backend)
+    x = tokens(2, 16)                                    # a consolidation window, then a prediction window
+    y = torch.full_like(x, -1)
+    y[:, -3:] = x[:, -3:]
+    with torch.no_grad():
+        for N in range(1, 5):
+            assert_close(fast(x, y, sleep_passes=N)[1], model(x, y, sleep_passes=N)[1], 1e-6, 1e-6, what=f"N={N}")
+    assert len(graphs) > 2
+
+
+@slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels and CUDA graphs need CUDA")
+@pytest.mark.parametrize("mode, precision", [("default", "bf16"), ("reduce-overhead", "float32")])
+def test_inductor_compiled_training_matches_eager_on_cuda(mode, precision):
+    # train.py --compile --compile_mode=MODE on the GPU: real inductor kernels (and, for reduce-overhead,
+    # CUDA graphs: the first call warms up, the second records, the third replays on new inputs, where
+    # stale inputs would show).
+    model = tiny_model(dtype=torch.float32, device="cuda", layers="AG", window=8)
+    compiled = train.compiled_for_training(model, mode)
+    rtol, atol = TOLERANCE[precision]["model"]
+    for batch in range(3):
+        x = tokens(4, 24, seed=batch).cuda()                 # two consolidation windows, then a prediction window
+        y = torch.full_like(x, -1)
+        y[:, -3:] = x[:, -3:]
+        results = []
+        for forward in (model, compiled):
+            model.zero_grad()
+            if forward is compiled and mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            with autocast("cuda", precision):
+                logits, loss = forward(x, y, sleep_passes=3)
+            loss.backward()
+            results.append((logits.detach().clone(), loss.detach().clone(),
+                            [p.grad.clone() for p in model.parameters()]))
+        (logits, loss, grads), (c_logits, c_loss, c_grads) = results
+        what = f"mode={mode}, {precision}, batch {batch}"
+        assert_close(c_logits, logits, rtol, atol, what=f"logits, {what}")
+        assert_close(c_loss, loss, rtol, atol, what=f"loss, {what}")
+        if precision == "float32":
+            for (name, _), a, b in zip(model.named_parameters(), c_grads, grads):
+                assert_close(a, b, 1e-3, 1e-5, what=f"grad of {name}, {what}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.py: every answer re-derived from the decoded text by an independent solver
+
 
 PAD = "<pad>"
 
@@ -780,8 +827,6 @@ def rows_of(task, idx):
 
 
 # independent solvers, working from decoded text
-
-
 RULE_110_TABLE = {"111": "0", "110": "1", "101": "1", "100": "0", "011": "1", "010": "1", "001": "1", "000": "0"}
 
 
@@ -885,9 +930,6 @@ def evaluate_math(statements, quantity, used):
     return x + y if kind == "sum" else x - y
 
 
-# ---- answers
-
-
 @pytest.mark.parametrize("preset,overrides", [
     ("cpu", {}), ("gpu", {}), ("paper", {}), ("cpu", dict(states=3, width=11, t_min=0, t_max=12, levels=(0, 5, 12)))])
 def test_rule110_answers_match_an_independent_simulation(preset, overrides):
@@ -931,6 +973,41 @@ def test_depo_answers_match_walking_the_decoded_cycle(preset):
             assert len({(hop % nodes, start) for hop, start, *_ in queries}) == len(queries)
 
 
+def test_depo_small_graphs_still_get_distinct_queries():
+    task = data.make_task("depo", "cpu", min_nodes=3, max_nodes=4, queries=4, query_len=16)
+    for tokens in rows_of(task, task.train_batch(100, step=0, levels=[1])[0]):
+        successor, queries = solve_depo(task, tokens)
+        assert len(successor) == 4 and len({(h % 4, s) for h, s, *_ in queries}) == 4
+    with pytest.raises(ValueError, match="queries"):
+        data.make_task("depo", "cpu", queries=9)
+
+
+REALISTIC_CPU = data.Math.REALISTIC_CPU   # the cpu preset's sizes for realistic statements
+
+
+@pytest.mark.parametrize("rendering", ["symbolic", "realistic"])
+def test_math_answers_match_evaluating_the_decoded_statements(rendering):
+    for preset, batch in (("cpu", 300), ("paper", 6)):
+        sizes = REALISTIC_CPU if (rendering, preset) == ("realistic", "cpu") else {}
+        task = data.make_task("math", preset, rendering=rendering, **sizes)
+        idx, targets, difficulty = task.train_batch(batch, step=2)
+        with_distractors = 0
+        for tokens, target_row, op in zip(rows_of(task, idx), targets, difficulty.tolist()):
+            asked, statements, answer, marker = parse_math(task, tokens)
+            used = set()
+            assert evaluate_math(statements, asked, used) == answer
+            assert sum(statements[q][0] != "const" for q in used) == op  # operations on the solution path
+            with_distractors += len(used) < len(statements)
+            values = {q: evaluate_math(statements, q, set()) for q in statements}
+            assert all(0 <= v < task.params["values"] for v in values.values())
+            assert task.decode(target_row[marker:marker + 1]) == str(answer)
+        assert with_distractors >= 0.8 * batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.py: the distributions each task promises
+
+
 @pytest.mark.parametrize("preset, examples", [("cpu", 10_000), ("paper", 4000)])
 def test_depo_training_graph_sizes_follow_the_weights_one_over_n_plus_sqrt_max_nodes(preset, examples):
     task = data.make_task("depo", preset)
@@ -948,36 +1025,6 @@ def test_depo_training_graph_sizes_follow_the_weights_one_over_n_plus_sqrt_max_n
     assert gap < 1.95 / math.sqrt(examples), f"graph sizes: CDF gap {gap:.4f}, observed {observed[:6].round(3)}..."
 
 
-def test_depo_small_graphs_still_get_distinct_queries():
-    task = data.make_task("depo", "cpu", min_nodes=3, max_nodes=4, queries=4, query_len=16)
-    for tokens in rows_of(task, task.train_batch(100, step=0, levels=[1])[0]):
-        successor, queries = solve_depo(task, tokens)
-        assert len(successor) == 4 and len({(h % 4, s) for h, s, *_ in queries}) == 4
-    with pytest.raises(ValueError, match="queries"):
-        data.make_task("depo", "cpu", queries=9)
-
-
-REALISTIC_CPU = data.Math.REALISTIC_CPU   # the cpu preset's sizes for realistic statements
-
-
-@pytest.mark.parametrize("rendering", ["symbolic", "realistic"])
-def test_math_answers_match_evaluating_the_decoded_statements(rendering):
-    for preset, batch in (("cpu", 300), ("paper", 6)):
-        task = data.make_task("math", preset, rendering=rendering, **(REALISTIC_CPU if (rendering, preset) == ("realistic", "cpu") else {}))
-        idx, targets, difficulty = task.train_batch(batch, step=2)
-        with_distractors = 0
-        for tokens, target_row, op in zip(rows_of(task, idx), targets, difficulty.tolist()):
-            asked, statements, answer, marker = parse_math(task, tokens)
-            used = set()
-            assert evaluate_math(statements, asked, used) == answer
-            assert sum(statements[q][0] != "const" for q in used) == op  # operations on the solution path
-            with_distractors += len(used) < len(statements)
-            values = {q: evaluate_math(statements, q, set()) for q in statements}
-            assert all(0 <= v < task.params["values"] for v in values.values())
-            assert task.decode(target_row[marker:marker + 1]) == str(answer)
-        assert with_distractors >= 0.8 * batch
-
-
 def test_math_distractors_come_in_every_kind_and_a_quarter_are_constants():
     # Each distractor draws its kind uniformly from const, sum, diff, more; an operation that would leave
     # 0..values-1 becomes a difference, so only the constants keep exactly their quarter.
@@ -993,7 +1040,8 @@ def test_math_distractors_come_in_every_kind_and_a_quarter_are_constants():
     assert min(share.values()) > 0.1, share
 
 
-# ---- layouts
+# ----------------------------------------------------------------------------------------------------
+# data.py: layouts
 
 
 TASK_PRESETS = [(cls.name, preset) for cls in (data.Rule110, data.Depo, data.Math) for preset in cls.presets]
@@ -1067,7 +1115,8 @@ def test_math_paper_layout_question_first_answer_after_the_first_window():
             assert 2000 <= tokens.index("answer") == length - 2
 
 
-# ---- determinism and the train / eval split
+# ----------------------------------------------------------------------------------------------------
+# data.py: determinism and the train / eval split
 
 
 @pytest.mark.parametrize("name", ["rule110", "depo", "math"])
@@ -1118,16 +1167,6 @@ def test_the_evaluation_split_holds_one_input_in_sixteen(name):
     assert abs(fraction - 1 / data.EVAL_BUCKETS) < 0.02, f"{fraction:.3f} of fresh inputs fall in the evaluation split"
 
 
-def test_data_cli_takes_overrides_as_key_value_and_as_flags(capsys):
-    data.main(["math", "--rendering=realistic", *(f"--{k}={v}" for k, v in REALISTIC_CPU.items()), "--examples=1"])
-    data.main(["depo", "max_hops=1", "--examples=1"])
-    out = capsys.readouterr().out
-    assert "'rendering': 'realistic'" in out and "'max_hops': 1" in out
-    with pytest.raises(SystemExit):
-        data.main(["math", "--no_such_parameter=1"])
-    assert "no_such_parameter" in capsys.readouterr().err
-
-
 def test_train_batch_levels_restrict_the_difficulty():
     for name, levels in (("rule110", [3]), ("depo", [2, 4]), ("math", [2])):
         task = data.make_task(name, **({"max_hops": 4} if name == "depo" else {}))
@@ -1138,7 +1177,8 @@ def test_train_batch_levels_restrict_the_difficulty():
         assert {int(t[3:]) for t in tokens if t.startswith("hop")} <= {2, 4}
 
 
-# ---- vocabulary, validation, scoring
+# ----------------------------------------------------------------------------------------------------
+# data.py: vocabulary, validation, scoring, the command line
 
 
 @pytest.mark.parametrize("name", ["rule110", "depo", "math"])
@@ -1221,6 +1261,16 @@ def test_depo_items_group_two_token_answers():
     assert (answer_tokens > task.params["queries"]).any()  # some answers have two tokens
 
 
+def test_data_cli_takes_overrides_as_key_value_and_as_flags(capsys):
+    data.main(["math", "--rendering=realistic", *(f"--{k}={v}" for k, v in REALISTIC_CPU.items()), "--examples=1"])
+    data.main(["depo", "max_hops=1", "--examples=1"])
+    out = capsys.readouterr().out
+    assert "'rendering': 'realistic'" in out and "'max_hops': 1" in out
+    with pytest.raises(SystemExit):
+        data.main(["math", "--no_such_parameter=1"])
+    assert "no_such_parameter" in capsys.readouterr().err
+
+
 def test_cli_prints_examples(capsys):
     for name in ("rule110", "depo", "math"):
         task = data.make_task(name)
@@ -1230,7 +1280,9 @@ def test_cli_prints_examples(capsys):
     assert "predict" in out and "consolidate" in out and re.search(r"answers: \S", out)
 
 
-# -- training (train.py) -----------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# train.py: model, optimizers and schedule
+
 
 # The exactness tests run on the CPU; the ones parametrized over DEVICES also on CUDA when it is there.
 SMOKE = ["--n_embd=16", "--n_head=2", "--batch_size=4", "--max_iters=4", "--eval_interval=2", "--log_interval=2",
@@ -1239,6 +1291,175 @@ SMOKE = ["--n_embd=16", "--n_head=2", "--batch_size=4", "--max_iters=4", "--eval
 
 def smoke_config(tmp_path, *extra):
     return train.parse_args(SMOKE + [f"--out_dir={tmp_path}"] + list(extra))
+
+
+def quiet_train(argv):
+    cfg, overrides = train.parse_args(argv)
+    return cfg, train.train(cfg, overrides, log=lambda *a: None)
+
+
+def test_the_seed_decides_the_initial_weights(tmp_path):
+    def initial_weights(folder, seed):                   # learning rates 0: the checkpoint holds the initial weights
+        quiet_train(SMOKE + [f"--out_dir={tmp_path / folder}", f"--seed={seed}", "--learning_rate=0", "--adamw_lr=0",
+                             "--max_iters=1", "--eval_interval=1"])
+        return torch.load(tmp_path / folder / "ckpt.pt", weights_only=False)["model"]
+    first, again, other = initial_weights("a", 0), initial_weights("b", 0), initial_weights("c", 1)
+    for name, w in first.items():
+        assert torch.equal(again[name], w), f"{name}: the same seed should give the same initial weights"
+        if len(w.unique()) > 1:                          # every randomly initialised tensor
+            assert not torch.equal(other[name], w), f"{name}: another seed should give other initial weights"
+    assert sum(len(w.unique()) > 1 for w in first.values()) >= 10
+
+
+def test_optimizers_put_the_hidden_matrices_on_muon_and_the_rest_on_adamw():
+    model = tiny_model(dtype=torch.float32)
+    muon, adamw = train.configure_optimizers(model, 2e-3, 5e-4)
+    on_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        hidden = name.startswith("blocks.") and p.dim() == 2 and not name.endswith(("a_proj.weight", "b_proj.weight"))
+        assert (id(p) in on_muon) == hidden, name
+    assert sum(len(g["params"]) for g in adamw.param_groups) == len(list(model.parameters())) - len(on_muon)
+    assert len(train.configure_optimizers(model, 2e-3, 5e-4, optimizer="adamw")) == 1
+    with pytest.raises(ValueError, match="--optimizer must be one of muon, adamw"):
+        train.configure_optimizers(model, 2e-3, 5e-4, optimizer="sgd")
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_weight_decay_shrinks_exactly_the_hidden_matrices_and_nothing_when_it_is_zero(optimizer):
+    # With zero gradients, an optimizer step changes a parameter only through its weight decay.
+    for weight_decay in (0.0, 0.1):
+        model = tiny_model(dtype=torch.float32)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        optimizers = train.configure_optimizers(model, 0.01, 0.01, weight_decay=weight_decay, optimizer=optimizer)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        for opt in optimizers:
+            opt.step()
+        for name, p in model.named_parameters():
+            gate = name.endswith(("a_proj.weight", "b_proj.weight"))
+            hidden = name.startswith("blocks.") and p.dim() == 2 and not gate
+            if weight_decay and hidden:                  # decoupled decay: p <- p (1 - lr weight_decay)
+                assert_close(p.detach(), before[name] * (1 - 0.01 * weight_decay), 1e-6, 0, what=f"{name} decayed")
+            else:
+                assert torch.equal(p.detach(), before[name]), f"{name} changed, weight_decay={weight_decay}"
+
+
+def test_lr_multiplier_warms_up_from_above_zero_then_decays_to_the_floor():
+    cfg = train.TrainConfig(warmup_iters=10, max_iters=110, min_lr_frac=0.1)
+    values = [train.lr_multiplier(step, cfg) for step in range(111)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0) and values[10] == pytest.approx(1.0)
+    assert values[60] == pytest.approx(0.55) and values[110] == pytest.approx(0.1)
+    assert all(a < b for a, b in zip(values[:10], values[1:10]))
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_the_lr_schedule_drives_both_optimizers(tmp_path):
+    cfg, _ = quiet_train(SMOKE + [f"--out_dir={tmp_path}"])     # 4 steps, 2 of warm-up
+    muon, adamw = torch.load(tmp_path / "ckpt.pt", weights_only=False)["optimizers"]
+    last = train.lr_multiplier(cfg.max_iters - 1, cfg)           # the last step's multiplier: 0.55
+    assert last < 1
+    assert [g["lr"] for g in muon["param_groups"]] == pytest.approx([cfg.learning_rate * last])
+    assert [g["lr"] for g in adamw["param_groups"]] == pytest.approx([cfg.adamw_lr * last])
+
+
+def test_curriculum_cap_rises_linearly_over_curriculum_iters_not_over_the_run(tmp_path):
+    cfg, _ = smoke_config(tmp_path, "--curriculum_iters=100")        # rule110 cpu: levels t = 1..8, 4 steps in all
+    task = train.make_task(cfg.task)
+    assert task.train_levels == tuple(range(1, 9))
+    # the cap is 1 + 7 step / 100: 1 at step 0, 2.75 at 25, 4.5 at 50, 6.25 at 75, 7.93 at 99
+    for step, hardest in ((0, 1), (25, 2), (50, 4), (75, 6), (99, 7), (100, 8), (500, 8)):
+        assert list(train.training_levels(step, cfg, task)) == list(range(1, hardest + 1)), f"step {step}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py: batches and evaluation
+
+
+def test_training_batches_follow_the_curriculum_step_by_step(tmp_path):
+    cfg, _ = smoke_config(tmp_path, "--curriculum_iters=4", "--max_iters=8", "--batch_size=64")
+    task = train.make_task(cfg.task)                     # rule110 cpu: one state, then its query "?1@t<t>"
+    batches = train.StepBatches(task, cfg)
+    # the cap 1 + 7 step / 4: 1, 2.75, 4.5, 6.25, then every level (t = 1..8)
+    for step, hardest in ((0, 1), (1, 2), (2, 4), (3, 6), (4, 8), (7, 8)):
+        rollouts = {int(task.vocab[i].split("@t")[1]) for i in batches[step][0][:, -1].tolist()}
+        assert max(rollouts) == hardest, f"step {step}: rollouts {sorted(rollouts)}"
+
+
+def test_curriculum_raises_the_hardest_level_to_all_levels_and_n_draws_are_seeded(tmp_path):
+    cfg, _ = smoke_config(tmp_path, "--curriculum_iters=100", "--train_sleep_passes=1,2,4")
+    task = train.make_task(cfg.task)
+    caps = [max(train.training_levels(step, cfg, task)) for step in range(0, 120, 10)]
+    assert caps == sorted(caps) and caps[0] == task.train_levels[0] and caps[-1] == task.train_levels[-1]
+    draws = [train.step_sleep_passes(step, cfg, [1, 2, 4]) for step in range(50)]
+    assert set(draws) == {1, 2, 4}
+    assert draws == [train.step_sleep_passes(step, cfg, [1, 2, 4]) for step in range(50)]
+
+
+@slow
+def test_worker_processes_make_exactly_the_in_loop_batches(tmp_path):
+    cfg, _ = smoke_config(tmp_path, "--task=depo", "--curriculum_iters=3")
+    dataset = train.StepBatches(train.make_task("depo"), cfg)
+    in_loop = list(train.step_batches(dataset, 1, num_workers=0, pin_memory=False))
+    ahead = list(train.step_batches(dataset, 1, num_workers=2, pin_memory=False))
+    start_method = torch.multiprocessing.get_start_method()
+    torch.multiprocessing.set_start_method("spawn", force=True)      # macOS's default: everything must pickle
+    try:
+        spawned = list(train.step_batches(dataset, 1, num_workers=1, pin_memory=False))
+    finally:
+        torch.multiprocessing.set_start_method(start_method, force=True)
+    assert len(in_loop) == len(ahead) == len(spawned) == cfg.max_iters - 1
+    for (x0, y0, n0), (x1, y1, n1), (x2, y2, n2) in zip(in_loop, ahead, spawned):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1) and n0 == n1
+        assert torch.equal(x0, x2) and torch.equal(y0, y2) and n0 == n2
+    plain = losses_and_grad_norms(tmp_path / "w0", "--num_workers=0")
+    workers = losses_and_grad_norms(tmp_path / "w2", "--num_workers=2")
+    assert_same_training(plain, workers, rtol=0)
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for the model in train.evaluate: its logits' argmax is the given prediction, row by row."""
+
+    def __init__(self, inputs, predictions, vocab_size):
+        super().__init__()
+        self.inputs, self.predictions, self.vocab_size, self.seen = inputs, predictions, vocab_size, 0
+        self.sleep_passes = []
+
+    def forward(self, x, y, sleep_passes=None):
+        rows = slice(self.seen, self.seen + len(x))
+        assert torch.equal(x, self.inputs[rows])
+        self.sleep_passes.append(sleep_passes)
+        self.seen += len(x)
+        return F.one_hot(self.predictions[rows], self.vocab_size).double(), None
+
+
+def test_evaluate_counts_an_example_exactly_right_only_when_all_its_answers_and_their_tokens_are():
+    task = data.make_task("depo", "paper")              # 10 answers per example, some of two tokens
+    idx, targets, difficulty = task.eval_set(16, 6)
+    prediction = torch.where(targets == -1, 0, targets)
+    wrong_answers = [0, 1, 10, 0, 2, 9]                  # per example: how many of its 10 answers to get wrong
+    for row, n_wrong in enumerate(wrong_answers):
+        positions = torch.nonzero(targets[row] != -1).flatten().tolist()
+        runs = [[p] for p in positions[:1]]              # an answer: a run of consecutive target positions
+        for p in positions[1:]:
+            if p == runs[-1][-1] + 1:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        assert len(runs) == 10
+        if row == 1:                                     # only the second token of a two-token answer
+            runs = [[r[1]] for r in runs if len(r) == 2]
+        for run in runs[:n_wrong]:
+            prediction[row, run[-1]] = (targets[row, run[-1]] + 1) % task.vocab_size
+    model = ScriptedModel(idx, prediction, task.vocab_size)
+    results = train.evaluate(model, task, {16: (idx, targets, difficulty)}, batch_size=4, device="cpu",
+                             sleep_passes=3)
+    assert model.seen == 6 and model.sleep_passes == [3, 3], "evaluate runs the model at the N it is given"
+    assert results[16]["item"] == pytest.approx(1 - sum(wrong_answers) / 60)
+    assert results[16]["exact"] == pytest.approx(2 / 6)      # examples 0 and 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py: the training step and the loop
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1252,6 +1473,107 @@ def test_training_runs_end_to_end_with_finite_loss_and_accuracy_per_level(task, 
     assert list(final) == list(levels)
     assert all(0.0 <= final[lv]["item"] <= 1.0 and 0.0 <= final[lv]["exact"] <= 1.0 for lv in levels)
     assert (tmp_path / "ckpt.pt").exists()
+
+
+def losses_and_grad_norms(tmp_path, *extra):
+    """Per-step losses and gradient norms (from the log) of a 3-step smoke run."""
+    lines = []
+    cfg, overrides = smoke_config(tmp_path, "--max_iters=3", "--eval_interval=3", "--log_interval=1", *extra)
+    train.train(cfg, overrides, log=lines.append)
+    return grad_norms_and_losses("\n".join(lines))
+
+
+def grad_norms_and_losses(log_text):
+    pairs = re.findall(r"loss (\S+) \| grad norm (\S+) ", log_text)
+    return torch.tensor([[float(x) for x in pair] for pair in pairs], dtype=torch.float64)
+
+
+def assert_same_training(a, b, rtol):
+    assert a.shape == b.shape == (3, 2)
+    assert_close(b, a, rtol=rtol, atol=0, what="(loss, gradient norm) per step")
+
+
+@pytest.mark.parametrize("task", ["depo", "math"])
+def test_gradient_accumulation_gives_the_same_update(tmp_path, task):
+    one = losses_and_grad_norms(tmp_path / "k1", f"--task={task}")
+    two = losses_and_grad_norms(tmp_path / "k2", f"--task={task}", "--gradient_accumulation_steps=2")
+    assert_same_training(one, two, rtol=1e-4)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        train.parse_args(["--batch_size=5", "--gradient_accumulation_steps=2"])
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_answer_tokens(tmp_path):
+    # Two-token Depo names: the micro-batches of a step hold different numbers of answer tokens, so
+    # averaging their mean losses with equal weights would change the update.
+    flags = ["--task=depo", "--prefix_tokens=4", "--query_len=18"]
+    cfg, overrides = smoke_config(tmp_path, *flags, "--gradient_accumulation_steps=2")
+    steps = train.StepBatches(train.make_task("depo", **overrides), cfg)
+    counts = [[int((steps[s][1][m:m + 2] >= 0).sum()) for m in (0, 2)] for s in range(3)]
+    assert sum(a != b for a, b in counts) >= 2, f"answer tokens per micro-batch: {counts}"
+    one = losses_and_grad_norms(tmp_path / "k1", *flags)
+    two = losses_and_grad_norms(tmp_path / "k2", *flags, "--gradient_accumulation_steps=2")
+    assert_same_training(one, two, rtol=1e-4)
+
+
+def test_train_sleep_passes_trains_each_step_at_its_drawn_n(tmp_path, monkeypatch):
+    passes = []
+    real_forward = SleepLM.forward
+
+    def recording(self, idx, targets=None, **kwargs):
+        if self.training:
+            passes.append(kwargs.get("sleep_passes"))
+        return real_forward(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(SleepLM, "forward", recording)
+    cfg, _ = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--train_sleep_passes=1,2,3", "--max_iters=8",
+                                  "--eval_interval=8"])
+    assert passes == [train.step_sleep_passes(step, cfg, [1, 2, 3]) for step in range(8)]
+    assert set(passes) == {1, 2, 3}
+
+
+def test_ssm_warmup_trains_only_the_gdn_blocks_under_hard_eviction(tmp_path, monkeypatch):
+    evictions = []
+    real_forward = SleepLM.forward
+
+    def recording(self, idx, targets=None, **kwargs):
+        if self.training:
+            evictions.append(kwargs.get("eviction"))
+        return real_forward(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(SleepLM, "forward", recording)
+    cfg, result = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--max_iters=3", "--eval_interval=3",
+                                       "--eviction=sliding", "--layers=AG", "--ssm_warmup_iters=2"])
+    assert evictions == ["hard", "hard", None]          # None: the configured (sliding) eviction
+    torch.manual_seed(cfg.seed)
+    initial = train.build_model(cfg, train.make_task(cfg.task)).state_dict()
+    trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+    cfg, _ = quiet_train(SMOKE + [f"--out_dir={tmp_path / 'warm'}", "--max_iters=2", "--eval_interval=2",
+                                  "--layers=AG", "--ssm_warmup_iters=2"])
+    warm = torch.load(tmp_path / "warm" / "ckpt.pt", weights_only=False)["model"]
+    for name, w in initial.items():
+        changed = not torch.equal(warm[name], w)
+        assert changed == name.startswith("blocks.1."), f"{name} {'changed' if changed else 'did not change'}"
+    for name in ("wte.weight", "lm_head.weight", "blocks.0.mixer.proj.weight"):   # the zero-init proj first
+        assert not torch.equal(trained[name], initial[name]), f"{name} did not train after the warm-up"
+
+
+def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    cfg, overrides = smoke_config(tmp_path)
+    real_forward = SleepLM.forward
+    calls = []
+
+    def poisoned(self, idx, targets=None, **kwargs):
+        logits, loss = real_forward(self, idx, targets, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 3:                          # step 3, after the step-2 checkpoint
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(SleepLM, "forward", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match="loss is nan at step 2"):
+        train.train(cfg, overrides, log=lambda *a: None)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1279,44 +1601,6 @@ def test_resume_gives_bitwise_the_same_next_losses(tmp_path, monkeypatch, device
         assert_close(torch.tensor(resumed), torch.tensor(uninterrupted), rtol=1e-4, what="resumed losses")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_sweep_tables_every_run_and_collects_finished_runs_without_retraining(tmp_path, monkeypatch, device):
-    cfg, overrides = smoke_config(tmp_path, "--sweep=1,2", "--seeds=0", f"--device={device}")
-    first = train.sweep(cfg, overrides, log=lambda *a: None)
-    assert [(r["sleep_passes"], r["seed"], r["steps"]) for r in first] == [(1, 0, 4), (2, 0, 4)]
-    # seed 1 in another process (here: another call), then one call collects all four runs
-    train.sweep(dataclasses.replace(cfg, seeds="1"), overrides, log=lambda *a: None)
-    task_class = type(train.make_task(cfg.task))
-    monkeypatch.setattr(task_class, "train_batch", lambda *a, **k: pytest.fail("a finished run was retrained"))
-    runs = train.sweep(dataclasses.replace(cfg, seeds="0,1"), overrides, log=lambda *a: None)
-    assert [(r["sleep_passes"], r["seed"]) for r in runs] == [(1, 0), (1, 1), (2, 0), (2, 1)]
-    assert runs[0]["final"] == first[0]["final"] and runs[2]["final"] == first[1]["final"]
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert len(saved["runs"]) == 4
-    table = (tmp_path / "results.md").read_text()
-    assert re.search(r"^\| 1 \| .* \| 2 \| ", table, re.M) and re.search(r"^\| 2 \| ", table, re.M)
-
-
-def test_a_parallel_sweep_trains_its_runs_side_by_side_as_the_sequential_one_does(tmp_path):
-    cfg, overrides = smoke_config(tmp_path / "seq", "--sweep=1,2", "--task=depo", "--max_hops=1")
-    sequential = train.sweep(cfg, overrides, log=lambda *a: None)
-    cfg, overrides = smoke_config(tmp_path / "par", "--sweep=1,2", "--task=depo", "--max_hops=1", "--parallel=2")
-    lines = []
-    parallel = train.sweep(cfg, overrides, log=lines.append)
-    assert sum("started" in line for line in lines) == 2 and sum("finished" in line for line in lines) == 2
-    for a, b in zip(sequential, parallel):
-        assert (a["sleep_passes"], a["steps"], a["final"]) == (b["sleep_passes"], b["steps"], b["final"])
-        losses = [torch.load(d / f"N{a['sleep_passes']}_seed0" / "ckpt.pt", weights_only=False)["losses"]
-                  for d in (tmp_path / "seq", tmp_path / "par")]
-        assert losses[1] == losses[0]                   # bitwise: one thread per process either way
-    assert "max_hops=1" in (tmp_path / "par" / "N2_seed0" / "train.log").read_text()
-    # the runs' own step lines come through, labelled, with an estimate for the whole sweep
-    assert any(re.match(r"\[run 2/2 N=2 seed=0\] step 4/4 .*\| sweep eta [\d.]+ min$", line) for line in lines)
-    assert lines[-1].startswith("checkpoints: ") and str(tmp_path / "par" / "N2_seed0" / "ckpt.pt") in lines[-1]
-    auto = dataclasses.replace(cfg, parallel=0)                # by default one run per core on the CPU
-    assert train.sweep_parallel(auto, 2) == min(2, os.cpu_count()) and train.sweep_parallel(auto, 1) == 1
-
-
 def train_process(*argv, text=True):
     """`python train.py ARGV` as a user runs it (no PYTHONUNBUFFERED), its output in a pipe."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
@@ -1338,6 +1622,7 @@ def saved_step(run_dir):
     return torch.load(run_dir / "ckpt.pt", weights_only=False)["step"] if (run_dir / "ckpt.pt").exists() else 0
 
 
+@slow
 def test_log_lines_reach_a_pipe_as_they_are_printed(tmp_path):
     process = train_process(*SMOKE, f"--out_dir={tmp_path}", "--max_iters=100000", "--log_interval=1",
                             "--eval_interval=1", text=False)
@@ -1363,6 +1648,7 @@ def test_log_lines_reach_a_pipe_as_they_are_printed(tmp_path):
         process.wait()
 
 
+@slow
 def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path):
     process = train_process(*SMOKE, f"--out_dir={tmp_path}", "--max_iters=100000", "--log_interval=1")
     read_until(process, r"^step 2/")
@@ -1381,17 +1667,32 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path)
     assert first.startswith(f"step {step + 1}/100000") and resumed.returncode == 130
 
 
-def test_ctrl_c_stops_a_side_by_side_sweep_with_a_checkpoint_per_run(tmp_path):
-    argv = [*SMOKE, f"--out_dir={tmp_path}", "--max_iters=100000", "--log_interval=1", "--sweep=1,2", "--parallel=2"]
-    process = train_process(*argv)
-    read_until(process, r"^\[run 1/2 .*\] step ")
-    read_until(process, r"^\[run 2/2 .*\] step ")
-    process.send_signal(signal.SIGINT)
-    out = process.communicate(timeout=120)[0]
-    assert process.returncode == 130 and "Traceback" not in out
-    assert out.strip().splitlines()[-1].endswith(f"To continue: python train.py {shlex.join(argv)}")
-    for n in (1, 2):
-        assert torch.load(tmp_path / f"N{n}_seed0" / "ckpt.pt", weights_only=False)["step"] >= 1
+# ----------------------------------------------------------------------------------------------------
+# train.py: the command line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task=chess"], "--task"), (["--preset=huge"], "--preset"), (["--learning_rate=fast"], "--learning_rate"),
+    (["--no_such_key=1"], "unknown setting --no_such_key"), (["--compile=maybe"], "--compile"),
+    (["max_iters=3"], "--key=value"),
+    (["--eval_interval=0"], "--eval_interval"), (["--sweep=1,2", "--train_sleep_passes=1,2"], "--train_sleep_passes"),
+    (["--sleep_blocks=2"], "--sleep_blocks"), (["--num_workers=-2"], "--num_workers"),
+    (["--parallel=-1"], "--parallel"),
+    (["--threads=-1"], "--threads"),
+    (["--compile_mode=fast"], "--compile_mode must be one of default, reduce-overhead"),
+    (["--compile", "--compile_mode=reduce-overhead", "--gradient_accumulation_steps=2"], "CUDA graphs"),
+    (["--task=math", "--preset=paper", "--compile", "--compile_mode=reduce-overhead"], "without --checkpoint_windows"),
+])
+def test_invalid_flags_are_refused_with_a_clear_message(argv, message):
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(argv)
+
+
+def test_an_unknown_flag_suggests_the_nearest_setting():
+    with pytest.raises(ValueError, match="unknown setting --sleep_pases: did you mean --sleep_passes"):
+        train.parse_args(["--sleep_pases=2"])
+    with pytest.raises(ValueError, match="unknown setting --t_maxx: did you mean --t_max"):   # a task parameter
+        train.parse_args(["--t_maxx=6"])
 
 
 @pytest.mark.parametrize("device", ["cuda", "mps"])
@@ -1405,44 +1706,60 @@ def test_a_device_this_torch_lacks_is_a_one_line_error(device, capsys):
     assert capsys.readouterr().out == ""                 # refused before anything is printed
 
 
-def test_an_unknown_flag_suggests_the_nearest_setting():
-    with pytest.raises(ValueError, match="unknown setting --sleep_pases: did you mean --sleep_passes"):
-        train.parse_args(["--sleep_pases=2"])
-    with pytest.raises(ValueError, match="unknown setting --t_maxx: did you mean --t_max"):   # a task parameter
-        train.parse_args(["--t_maxx=6"])
+def test_main_refuses_bad_model_settings_before_training(capsys):
+    with pytest.raises(SystemExit, match="eviction"):
+        train.main(["--eviction=partial"])
 
 
-def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    cfg, overrides = smoke_config(tmp_path)
-    real_forward = SleepLM.forward
-    calls = []
-
-    def poisoned(self, idx, targets=None, **kwargs):
-        logits, loss = real_forward(self, idx, targets, **kwargs)
-        if self.training:
-            calls.append(1)
-            if len(calls) == 3:                          # step 3, after the step-2 checkpoint
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(SleepLM, "forward", poisoned)
-    with pytest.raises(train.NonFiniteLoss, match="loss is nan at step 2"):
-        train.train(cfg, overrides, log=lambda *a: None)
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
+def test_help_documents_every_setting_and_the_tasks_parameters(capsys):
+    train.main(["--task=depo", "--help"])
+    out = capsys.readouterr().out
+    for field in dataclasses.fields(train.TrainConfig):
+        line = re.search(rf"^  --{field.name}=\S*\s+(.+)$", out, re.M)
+        assert line and len(line.group(1)) > 10, f"--help does not explain --{field.name}"
+    assert re.search(r"^  --batch_size=64 ", out, re.M)                        # depo's preset value
+    for key in train.make_task("depo").params:
+        assert re.search(rf"^  --{key}=", out, re.M)
+    train.main(["-h"])
+    assert "--sleep_passes=4" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--task=chess"], "--task"), (["--preset=huge"], "--preset"), (["--learning_rate=fast"], "--learning_rate"),
-    (["--no_such_key=1"], "unknown setting --no_such_key"), (["--compile=maybe"], "--compile"), (["max_iters=3"], "--key=value"),
-    (["--eval_interval=0"], "--eval_interval"), (["--sweep=1,2", "--train_sleep_passes=1,2"], "--train_sleep_passes"),
-    (["--sleep_blocks=2"], "--sleep_blocks"), (["--num_workers=-2"], "--num_workers"), (["--parallel=-1"], "--parallel"), (["--threads=-1"], "--threads"),
-    (["--compile_mode=fast"], "--compile_mode must be one of default, reduce-overhead"),
-    (["--compile", "--compile_mode=reduce-overhead", "--gradient_accumulation_steps=2"], "CUDA graphs"),
-    (["--task=math", "--preset=paper", "--compile", "--compile_mode=reduce-overhead"], "without --checkpoint_windows"),
-])
-def test_invalid_flags_are_refused_with_a_clear_message(argv, message):
-    with pytest.raises(ValueError, match=message):
-        train.parse_args(argv)
+def test_default_output_folders_name_the_task_preset_and_every_changed_setting():
+    def out_dir(*argv):
+        return train.parse_args(list(argv))[0].out_dir
+    assert out_dir("--task=depo") == os.path.join("out", "depo-cpu", "N4_seed0")
+    assert out_dir("--task=depo", "--preset=paper", "--sleep_passes=2", "--seed=1") == \
+        os.path.join("out", "depo-paper", "N2_seed1")
+    assert out_dir("--layers=AA") == os.path.join("out", "rule110-cpu", "N1_seed0_layers=AA")
+    assert out_dir("--sleep_passes=1", "--max_iters=13000", "--t_max=6") == \
+        os.path.join("out", "rule110-cpu", "N1_seed0_max_iters=13000_t_max=6")
+    assert out_dir("--sweep=1,4", "--seeds=0,1") == os.path.join("out", "rule110-cpu", "sweep")
+    assert out_dir("--eval_interval=10", "--device=cpu") == out_dir()   # run control is not in the name
+    assert out_dir("--t_max=8", "--width=16") == out_dir()                  # the preset's own task values
+    assert out_dir("--sleep_blocks=1:2") == os.path.join("out", "rule110-cpu", "N4_seed0_sleep_blocks=1-2")
+    with pytest.raises(ValueError, match="sleep_blocks"):                   # AG has 2 blocks
+        train.build_model(train.parse_args(["--sleep_blocks=1:3"])[0], train.make_task("rule110"))
+    model = train.build_model(train.parse_args(["--sleep_blocks=1:2", "--layer_repeat=2"])[0],
+                              train.make_task("rule110"))
+    assert model.config.sleep_blocks == (1, 2) and model.config.layers == "AGAG"
+
+
+def test_the_saved_n_is_a_trained_one_and_baselines_run_with_the_n_they_need():
+    assert train.parse_args(["--train_sleep_passes=1,2"])[0].sleep_passes == 2
+    assert train.parse_args(["--train_sleep_passes=1,2", "--sleep_passes=1"])[0].sleep_passes == 1
+    with pytest.raises(ValueError, match="--sleep_passes=4 is not among"):
+        train.parse_args(["--train_sleep_passes=1,2", "--sleep_passes=4"])
+    assert train.parse_args(["--layers=AA"])[0].sleep_passes == 1              # nothing to sleep into
+    assert train.parse_args(["--eviction=none"])[0].sleep_passes == 1          # no windows
+    assert train.parse_args(["--layers=AG"])[0].sleep_passes == 4
+    assert train.parse_args(["--layers=AA", "--eviction=sliding"])[0].sleep_passes == 4   # N changes the kept KV
+    assert train.parse_args(["--sleep_blocks=0:1"])[0].sleep_passes == 1       # AG: only the A block would sleep
+    with pytest.raises(ValueError, match="nothing sleeps"):
+        train.parse_args(["--layers=AA", "--sweep=1,4"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py: checkpoints, resume rules, a trained run
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1450,7 +1767,8 @@ def test_eval_only_rebuilds_the_checkpoints_model_and_evaluates_other_n(tmp_path
     cfg, overrides = smoke_config(tmp_path, "--task=depo", "--input_injection", f"--device={device}")
     trained = train.train(cfg, overrides, log=lambda *a: None)
     # The model, task and settings come from the checkpoint, not from the (default) flags.
-    cfg, overrides = train.parse_args([f"--out_dir={tmp_path}", "--eval_only", "--eval_sleep_passes=2,3", "--eval_examples=8",
+    cfg, overrides = train.parse_args([f"--out_dir={tmp_path}", "--eval_only", "--eval_sleep_passes=2,3",
+                                       "--eval_examples=8",
                                        f"--device={device}"])
     evaluated = train.train(cfg, overrides, log=lambda *a: None)
     assert evaluated["final"][2] == trained["final"][2]
@@ -1466,13 +1784,9 @@ def test_resume_refuses_different_model_settings(tmp_path):
         train.train(dataclasses.replace(cfg, resume=True, layers="GA"), overrides, log=lambda *a: None)
 
 
-def quiet_train(argv):
-    cfg, overrides = train.parse_args(argv)
-    return cfg, train.train(cfg, overrides, log=lambda *a: None)
-
-
 def test_resume_and_eval_only_take_the_runs_settings_from_the_checkpoint(tmp_path):
-    first, done = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--task=depo", "--seed=3", "--batch_size=6", "--device=cpu",
+    first, done = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--task=depo", "--seed=3", "--batch_size=6",
+                                       "--device=cpu",
                                        "--learning_rate=0.01", "--curriculum_iters=2"])
     cfg, overrides = train.parse_args([f"--out_dir={tmp_path}", "--resume", "--max_iters=6"])   # nothing else given
     assert dataclasses.replace(cfg, max_iters=4, resume=False, device="cpu", parallel=1) == first
@@ -1491,19 +1805,6 @@ def test_resume_and_eval_only_take_the_runs_settings_from_the_checkpoint(tmp_pat
     assert (cfg.task, cfg.seed, cfg.batch_size, cfg.eval_sleep_passes, cfg.eval_examples) == ("depo", 3, 6, "1,2", 4)
 
 
-def test_the_seed_decides_the_initial_weights(tmp_path):
-    def initial_weights(folder, seed):                   # learning rates 0: the checkpoint holds the initial weights
-        quiet_train(SMOKE + [f"--out_dir={tmp_path / folder}", f"--seed={seed}", "--learning_rate=0", "--adamw_lr=0",
-                             "--max_iters=1", "--eval_interval=1"])
-        return torch.load(tmp_path / folder / "ckpt.pt", weights_only=False)["model"]
-    first, again, other = initial_weights("a", 0), initial_weights("b", 0), initial_weights("c", 1)
-    for name, w in first.items():
-        assert torch.equal(again[name], w), f"{name}: the same seed should give the same initial weights"
-        if len(w.unique()) > 1:                          # every randomly initialised tensor
-            assert not torch.equal(other[name], w), f"{name}: another seed should give other initial weights"
-    assert sum(len(w.unique()) > 1 for w in first.values()) >= 10
-
-
 def test_a_new_run_refuses_to_overwrite_a_checkpoint(tmp_path):
     quiet_train(SMOKE + [f"--out_dir={tmp_path}"])
     with pytest.raises(ValueError, match="already holds a run"):
@@ -1516,22 +1817,147 @@ def test_an_unreadable_checkpoint_is_named_in_the_error(tmp_path):
         train.parse_args([f"--out_dir={tmp_path}", "--resume"])
 
 
-def test_default_output_folders_name_the_task_preset_and_every_changed_setting():
-    def out_dir(*argv):
-        return train.parse_args(list(argv))[0].out_dir
-    assert out_dir("--task=depo") == os.path.join("out", "depo-cpu", "N4_seed0")
-    assert out_dir("--task=depo", "--preset=paper", "--sleep_passes=2", "--seed=1") == os.path.join("out", "depo-paper", "N2_seed1")
-    assert out_dir("--layers=AA") == os.path.join("out", "rule110-cpu", "N1_seed0_layers=AA")
-    assert out_dir("--sleep_passes=1", "--max_iters=13000", "--t_max=6") == \
-        os.path.join("out", "rule110-cpu", "N1_seed0_max_iters=13000_t_max=6")
-    assert out_dir("--sweep=1,4", "--seeds=0,1") == os.path.join("out", "rule110-cpu", "sweep")
-    assert out_dir("--eval_interval=10", "--device=cpu") == out_dir()   # run control is not in the name
-    assert out_dir("--t_max=8", "--width=16") == out_dir()                  # the preset's own task values
-    assert out_dir("--sleep_blocks=1:2") == os.path.join("out", "rule110-cpu", "N4_seed0_sleep_blocks=1-2")
-    with pytest.raises(ValueError, match="sleep_blocks"):                   # AG has 2 blocks
-        train.build_model(train.parse_args(["--sleep_blocks=1:3"])[0], train.make_task("rule110"))
-    model = train.build_model(train.parse_args(["--sleep_blocks=1:2", "--layer_repeat=2"])[0], train.make_task("rule110"))
-    assert model.config.sleep_blocks == (1, 2) and model.config.layers == "AGAG"
+def test_init_from_loads_the_weights_only_and_refuses_another_model(tmp_path):
+    quiet_train(SMOKE + [f"--out_dir={tmp_path / 'n1'}", "--sleep_passes=1"])
+    source = torch.load(tmp_path / "n1" / "ckpt.pt", weights_only=False)["model"]
+    cfg, result = quiet_train(SMOKE + [f"--out_dir={tmp_path / 'n2'}", f"--init_from={tmp_path / 'n1'}",
+                                       "--learning_rate=0", "--adamw_lr=0", "--max_iters=2", "--eval_interval=2"])
+    loaded = torch.load(tmp_path / "n2" / "ckpt.pt", weights_only=False)
+    assert loaded["step"] == 2 and loaded["model_config"]["sleep_passes"] == 2
+    for name, w in source.items():
+        assert torch.equal(loaded["model"][name], w), name        # lr 0: still exactly the source weights
+    with pytest.raises(ValueError, match="init_from"):
+        quiet_train(SMOKE + [f"--out_dir={tmp_path / 'other'}", f"--init_from={tmp_path / 'n1'}", "--layers=AGAG"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py: sweeps, side-by-side runs and several processes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sweep_tables_every_run_and_collects_finished_runs_without_retraining(tmp_path, monkeypatch, device):
+    cfg, overrides = smoke_config(tmp_path, "--sweep=1,2", "--seeds=0", f"--device={device}")
+    first = train.sweep(cfg, overrides, log=lambda *a: None)
+    assert [(r["sleep_passes"], r["seed"], r["steps"]) for r in first] == [(1, 0, 4), (2, 0, 4)]
+    # seed 1 in another process (here: another call), then one call collects all four runs
+    train.sweep(dataclasses.replace(cfg, seeds="1"), overrides, log=lambda *a: None)
+    task_class = type(train.make_task(cfg.task))
+    monkeypatch.setattr(task_class, "train_batch", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    runs = train.sweep(dataclasses.replace(cfg, seeds="0,1"), overrides, log=lambda *a: None)
+    assert [(r["sleep_passes"], r["seed"]) for r in runs] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert runs[0]["final"] == first[0]["final"] and runs[2]["final"] == first[1]["final"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["runs"]) == 4
+    table = (tmp_path / "results.md").read_text()
+    assert re.search(r"^\| 1 \| .* \| 2 \| ", table, re.M) and re.search(r"^\| 2 \| ", table, re.M)
+
+
+def test_a_sweep_refuses_a_checkpoint_of_another_task(tmp_path):
+    cfg, overrides = smoke_config(tmp_path, "--sweep=2")
+    train.sweep(cfg, overrides, log=lambda *a: None)
+    cfg, overrides = smoke_config(tmp_path, "--sweep=2", "--task=depo")
+    with pytest.raises(ValueError, match="holds another run.*task"):
+        train.sweep(cfg, overrides, log=lambda *a: None)
+
+
+@slow
+def test_a_parallel_sweep_trains_its_runs_side_by_side_as_the_sequential_one_does(tmp_path):
+    cfg, overrides = smoke_config(tmp_path / "seq", "--sweep=1,2", "--task=depo", "--max_hops=1")
+    sequential = train.sweep(cfg, overrides, log=lambda *a: None)
+    cfg, overrides = smoke_config(tmp_path / "par", "--sweep=1,2", "--task=depo", "--max_hops=1", "--parallel=2")
+    lines = []
+    parallel = train.sweep(cfg, overrides, log=lines.append)
+    assert sum("started" in line for line in lines) == 2 and sum("finished" in line for line in lines) == 2
+    for a, b in zip(sequential, parallel):
+        assert (a["sleep_passes"], a["steps"], a["final"]) == (b["sleep_passes"], b["steps"], b["final"])
+        losses = [torch.load(d / f"N{a['sleep_passes']}_seed0" / "ckpt.pt", weights_only=False)["losses"]
+                  for d in (tmp_path / "seq", tmp_path / "par")]
+        assert losses[1] == losses[0]                   # bitwise: one thread per process either way
+    assert "max_hops=1" in (tmp_path / "par" / "N2_seed0" / "train.log").read_text()
+    # the runs' own step lines come through, labelled, with an estimate for the whole sweep
+    assert any(re.match(r"\[run 2/2 N=2 seed=0\] step 4/4 .*\| sweep eta [\d.]+ min$", line) for line in lines)
+    assert lines[-1].startswith("checkpoints: ") and str(tmp_path / "par" / "N2_seed0" / "ckpt.pt") in lines[-1]
+    auto = dataclasses.replace(cfg, parallel=0)                # by default one run per core on the CPU
+    assert train.sweep_parallel(auto, 2) == min(2, os.cpu_count()) and train.sweep_parallel(auto, 1) == 1
+
+
+@slow
+def test_ctrl_c_stops_a_side_by_side_sweep_with_a_checkpoint_per_run(tmp_path):
+    argv = [*SMOKE, f"--out_dir={tmp_path}", "--max_iters=100000", "--log_interval=1", "--sweep=1,2", "--parallel=2"]
+    process = train_process(*argv)
+    read_until(process, r"^\[run 1/2 .*\] step ")
+    read_until(process, r"^\[run 2/2 .*\] step ")
+    process.send_signal(signal.SIGINT)
+    out = process.communicate(timeout=120)[0]
+    assert process.returncode == 130 and "Traceback" not in out
+    assert out.strip().splitlines()[-1].endswith(f"To continue: python train.py {shlex.join(argv)}")
+    for n in (1, 2):
+        assert torch.load(tmp_path / f"N{n}_seed0" / "ckpt.pt", weights_only=False)["step"] >= 1
+
+
+@slow
+def test_torchrun_with_two_processes_trains_like_one(tmp_path):
+    single = losses_and_grad_norms(tmp_path / "one", "--device=cpu")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *SMOKE, "--max_iters=3", "--eval_interval=3", "--log_interval=1", "--device=cpu",
+                           f"--out_dir={tmp_path / 'two'}"], cwd=HERE, env=env, timeout=120, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("step 2/3") == 1, "only rank 0 logs"
+    assert_same_training(single, grad_norms_and_losses(done.stdout), rtol=1e-4)
+    assert (tmp_path / "two" / "ckpt.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py must keep running: its --quick mode produces every row with finite numbers (no timing asserted)
+
+
+@slow
+def test_quick_bench_produces_every_row_with_finite_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    # One thread: on a shared 2-core machine two OpenMP threads can stall for seconds per step.
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--device=cpu", "--threads=1", "--peak_tflops=1",
+                           f"--json={out}"],
+                          cwd=HERE, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    counts = {}
+    for r in rows:
+        counts[r["section"]] = counts.get(r["section"], 0) + 1
+    # rule: 3 rows per T (2 T in --quick) + the agreement check; train: N=1,2,4 + AAAA per task;
+    # wake: 4 positions x 2 models + the sleep; memory: 3 methods x 3 N; compile: one row (n/a in --quick).
+    assert counts == {"rule": 7, "train": 8, "wake": 9, "memory": 9, "compile": 1}
+    for r in rows:
+        if r["section"] == "compile":
+            assert r["value"] is None and r["reason"]
+            continue
+        numbers = [r["value"]] + ([r["ratio"]] if r["ratio"] is not None else []) + \
+                  ([r["tokens_per_s"]] if "tokens_per_s" in r else [])
+        assert all(isinstance(x, float) and math.isfinite(x) and x >= 0 for x in numbers), r
+        if r["section"] == "train":   # MFU = counted FLOPs / time / the 1 TFLOP/s given
+            assert r["mfu"] == pytest.approx(r["flops"] / (r["value"] / 1e3) / 1e12) and 0 < r["mfu"] < 1, r
+    assert max(r["value"] for r in rows if r["section"] == "rule" and r["unit"] == "abs diff") < 1e-4
+
+
+def test_bench_counts_the_flops_of_every_pass_and_of_backward():
+    """bench.py's MFU numerator: matmul FLOPs of forward + backward, linear in N (each pass re-runs the
+    blocks over the consolidated window), about 3x those of forward alone, and no optimizer FLOPs."""
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+    task = data.make_task("depo")
+    idx, targets, _ = (torch.as_tensor(x) for x in task.train_batch(2, 0))
+    flops = [bench.training_step(bench.preset_model(task.vocab_size, task.window, torch.device("cpu"),
+                                                    sleep_passes=n), idx, targets).flops() for n in (1, 2, 3)]
+    assert flops[2] - flops[1] == pytest.approx(flops[1] - flops[0], rel=0.02)
+    model = bench.preset_model(task.vocab_size, task.window, torch.device("cpu"), sleep_passes=1)
+    with FlopCounterMode(display=False) as forward_only, torch.no_grad():
+        model(idx, targets)
+    assert 2.5 < flops[0] / forward_only.get_total_flops() < 3.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# README.md and docs/: every command and code block runs as written
 
 
 def documented_code():
@@ -1541,7 +1967,8 @@ def documented_code():
     assert len(files) >= 8 and all((HERE / f).exists() for f in files), files
     blocks = []
     for f in dict.fromkeys(files):
-        blocks += [(f, lang, code) for lang, code in re.findall(r"```(bash|python)\n(.*?)```", (HERE / f).read_text(), re.S)]
+        found = re.findall(r"```(bash|python)\n(.*?)```", (HERE / f).read_text(), re.S)
+        blocks += [(f, lang, code) for lang, code in found]
     return blocks
 
 
@@ -1594,346 +2021,3 @@ def test_every_command_and_code_block_in_the_docs_runs_as_written_after_the_quic
     assert "python train.py --task=rule110 --sweep=1,4" in ran and any("load_run" in c for c in ran), ran
     assert len(ran) >= 15 and "Traceback" not in out
     assert all(NOT_RUN_HERE.search(c) for c in skipped)
-
-
-def test_a_sweep_refuses_a_checkpoint_of_another_task(tmp_path):
-    cfg, overrides = smoke_config(tmp_path, "--sweep=2")
-    train.sweep(cfg, overrides, log=lambda *a: None)
-    cfg, overrides = smoke_config(tmp_path, "--sweep=2", "--task=depo")
-    with pytest.raises(ValueError, match="holds another run.*task"):
-        train.sweep(cfg, overrides, log=lambda *a: None)
-
-
-def test_the_saved_n_is_a_trained_one_and_baselines_run_with_the_n_they_need():
-    assert train.parse_args(["--train_sleep_passes=1,2"])[0].sleep_passes == 2
-    assert train.parse_args(["--train_sleep_passes=1,2", "--sleep_passes=1"])[0].sleep_passes == 1
-    with pytest.raises(ValueError, match="--sleep_passes=4 is not among"):
-        train.parse_args(["--train_sleep_passes=1,2", "--sleep_passes=4"])
-    assert train.parse_args(["--layers=AA"])[0].sleep_passes == 1              # nothing to sleep into
-    assert train.parse_args(["--eviction=none"])[0].sleep_passes == 1          # no windows
-    assert train.parse_args(["--layers=AG"])[0].sleep_passes == 4
-    assert train.parse_args(["--layers=AA", "--eviction=sliding"])[0].sleep_passes == 4   # N changes the kept KV
-    assert train.parse_args(["--sleep_blocks=0:1"])[0].sleep_passes == 1       # AG: only the A block would sleep
-    with pytest.raises(ValueError, match="nothing sleeps"):
-        train.parse_args(["--layers=AA", "--sweep=1,4"])
-
-
-def test_help_documents_every_setting_and_the_tasks_parameters(capsys):
-    train.main(["--task=depo", "--help"])
-    out = capsys.readouterr().out
-    for field in dataclasses.fields(train.TrainConfig):
-        line = re.search(rf"^  --{field.name}=\S*\s+(.+)$", out, re.M)
-        assert line and len(line.group(1)) > 10, f"--help does not explain --{field.name}"
-    assert re.search(r"^  --batch_size=64 ", out, re.M)                        # depo's preset value
-    for key in train.make_task("depo").params:
-        assert re.search(rf"^  --{key}=", out, re.M)
-    train.main(["-h"])
-    assert "--sleep_passes=4" in capsys.readouterr().out
-
-
-class ScriptedModel(torch.nn.Module):
-    """Stands in for the model in train.evaluate: its logits' argmax is the given prediction, row by row."""
-
-    def __init__(self, inputs, predictions, vocab_size):
-        super().__init__()
-        self.inputs, self.predictions, self.vocab_size, self.seen = inputs, predictions, vocab_size, 0
-        self.sleep_passes = []
-
-    def forward(self, x, y, sleep_passes=None):
-        rows = slice(self.seen, self.seen + len(x))
-        assert torch.equal(x, self.inputs[rows])
-        self.sleep_passes.append(sleep_passes)
-        self.seen += len(x)
-        return F.one_hot(self.predictions[rows], self.vocab_size).double(), None
-
-
-def test_evaluate_counts_an_example_exactly_right_only_when_all_its_answers_and_their_tokens_are():
-    task = data.make_task("depo", "paper")              # 10 answers per example, some of two tokens
-    idx, targets, difficulty = task.eval_set(16, 6)
-    prediction = torch.where(targets == -1, 0, targets)
-    wrong_answers = [0, 1, 10, 0, 2, 9]                  # per example: how many of its 10 answers to get wrong
-    for row, n_wrong in enumerate(wrong_answers):
-        positions = torch.nonzero(targets[row] != -1).flatten().tolist()
-        runs = [[p] for p in positions[:1]]              # an answer: a run of consecutive target positions
-        for p in positions[1:]:
-            if p == runs[-1][-1] + 1:
-                runs[-1].append(p)
-            else:
-                runs.append([p])
-        assert len(runs) == 10
-        if row == 1:                                     # only the second token of a two-token answer
-            runs = [[r[1]] for r in runs if len(r) == 2]
-        for run in runs[:n_wrong]:
-            prediction[row, run[-1]] = (targets[row, run[-1]] + 1) % task.vocab_size
-    model = ScriptedModel(idx, prediction, task.vocab_size)
-    results = train.evaluate(model, task, {16: (idx, targets, difficulty)}, batch_size=4, device="cpu",
-                             sleep_passes=3)
-    assert model.seen == 6 and model.sleep_passes == [3, 3], "evaluate runs the model at the N it is given"
-    assert results[16]["item"] == pytest.approx(1 - sum(wrong_answers) / 60)
-    assert results[16]["exact"] == pytest.approx(2 / 6)      # examples 0 and 3
-
-
-def test_lr_multiplier_warms_up_from_above_zero_then_decays_to_the_floor():
-    cfg = train.TrainConfig(warmup_iters=10, max_iters=110, min_lr_frac=0.1)
-    values = [train.lr_multiplier(step, cfg) for step in range(111)]
-    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0) and values[10] == pytest.approx(1.0)
-    assert values[60] == pytest.approx(0.55) and values[110] == pytest.approx(0.1)
-    assert all(a < b for a, b in zip(values[:10], values[1:10])) and all(a >= b for a, b in zip(values[10:], values[11:]))
-
-
-def losses_and_grad_norms(tmp_path, *extra):
-    """Per-step losses and gradient norms (from the log) of a 3-step smoke run."""
-    lines = []
-    cfg, overrides = smoke_config(tmp_path, "--max_iters=3", "--eval_interval=3", "--log_interval=1", *extra)
-    train.train(cfg, overrides, log=lines.append)
-    return grad_norms_and_losses("\n".join(lines))
-
-
-def grad_norms_and_losses(log_text):
-    pairs = re.findall(r"loss (\S+) \| grad norm (\S+) ", log_text)
-    return torch.tensor([[float(x) for x in pair] for pair in pairs], dtype=torch.float64)
-
-
-def assert_same_training(a, b, rtol):
-    assert a.shape == b.shape == (3, 2)
-    assert_close(b, a, rtol=rtol, atol=0, what="(loss, gradient norm) per step")
-
-
-@pytest.mark.parametrize("task", ["depo", "math"])
-def test_gradient_accumulation_gives_the_same_update(tmp_path, task):
-    one = losses_and_grad_norms(tmp_path / "k1", f"--task={task}")
-    two = losses_and_grad_norms(tmp_path / "k2", f"--task={task}", "--gradient_accumulation_steps=2")
-    assert_same_training(one, two, rtol=1e-4)
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        train.parse_args(["--batch_size=5", "--gradient_accumulation_steps=2"])
-
-
-def test_gradient_accumulation_weights_micro_batches_by_their_answer_tokens(tmp_path):
-    # Two-token Depo names: the micro-batches of a step hold different numbers of answer tokens, so
-    # averaging their mean losses with equal weights would change the update.
-    flags = ["--task=depo", "--prefix_tokens=4", "--query_len=18"]
-    cfg, overrides = smoke_config(tmp_path, *flags, "--gradient_accumulation_steps=2")
-    steps = train.StepBatches(train.make_task("depo", **overrides), cfg)
-    counts = [[int((steps[s][1][m:m + 2] >= 0).sum()) for m in (0, 2)] for s in range(3)]
-    assert sum(a != b for a, b in counts) >= 2, f"answer tokens per micro-batch: {counts}"
-    one = losses_and_grad_norms(tmp_path / "k1", *flags)
-    two = losses_and_grad_norms(tmp_path / "k2", *flags, "--gradient_accumulation_steps=2")
-    assert_same_training(one, two, rtol=1e-4)
-
-
-def test_worker_processes_make_exactly_the_in_loop_batches(tmp_path):
-    cfg, _ = smoke_config(tmp_path, "--task=depo", "--curriculum_iters=3")
-    dataset = train.StepBatches(train.make_task("depo"), cfg)
-    in_loop = list(train.step_batches(dataset, 1, num_workers=0, pin_memory=False))
-    ahead = list(train.step_batches(dataset, 1, num_workers=2, pin_memory=False))
-    start_method = torch.multiprocessing.get_start_method()
-    torch.multiprocessing.set_start_method("spawn", force=True)      # macOS's default: everything must pickle
-    try:
-        spawned = list(train.step_batches(dataset, 1, num_workers=1, pin_memory=False))
-    finally:
-        torch.multiprocessing.set_start_method(start_method, force=True)
-    assert len(in_loop) == len(ahead) == len(spawned) == cfg.max_iters - 1
-    for (x0, y0, n0), (x1, y1, n1), (x2, y2, n2) in zip(in_loop, ahead, spawned):
-        assert torch.equal(x0, x1) and torch.equal(y0, y1) and n0 == n1
-        assert torch.equal(x0, x2) and torch.equal(y0, y2) and n0 == n2
-    plain = losses_and_grad_norms(tmp_path / "w0", "--num_workers=0")
-    workers = losses_and_grad_norms(tmp_path / "w2", "--num_workers=2")
-    assert_same_training(plain, workers, rtol=0)
-
-
-def test_torchrun_with_two_processes_trains_like_one(tmp_path):
-    single = losses_and_grad_norms(tmp_path / "one", "--device=cpu")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *SMOKE, "--max_iters=3", "--eval_interval=3", "--log_interval=1", "--device=cpu",
-                           f"--out_dir={tmp_path / 'two'}"], cwd=HERE, env=env, timeout=120, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("step 2/3") == 1, "only rank 0 logs"
-    assert_same_training(single, grad_norms_and_losses(done.stdout), rtol=1e-4)
-    assert (tmp_path / "two" / "ckpt.pt").exists()
-
-
-def test_ssm_warmup_trains_only_the_gdn_blocks_under_hard_eviction(tmp_path, monkeypatch):
-    evictions = []
-    real_forward = SleepLM.forward
-
-    def recording(self, idx, targets=None, **kwargs):
-        if self.training:
-            evictions.append(kwargs.get("eviction"))
-        return real_forward(self, idx, targets, **kwargs)
-
-    monkeypatch.setattr(SleepLM, "forward", recording)
-    cfg, result = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--max_iters=3", "--eval_interval=3",
-                                       "--eviction=sliding", "--layers=AG", "--ssm_warmup_iters=2"])
-    assert evictions == ["hard", "hard", None]          # None: the configured (sliding) eviction
-    torch.manual_seed(cfg.seed)
-    initial = train.build_model(cfg, train.make_task(cfg.task)).state_dict()
-    trained = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
-    cfg, _ = quiet_train(SMOKE + [f"--out_dir={tmp_path / 'warm'}", "--max_iters=2", "--eval_interval=2",
-                                  "--layers=AG", "--ssm_warmup_iters=2"])
-    warm = torch.load(tmp_path / "warm" / "ckpt.pt", weights_only=False)["model"]
-    for name, w in initial.items():
-        changed = not torch.equal(warm[name], w)
-        assert changed == name.startswith("blocks.1."), f"{name} {'changed' if changed else 'did not change'}"
-    for name in ("wte.weight", "lm_head.weight", "blocks.0.mixer.proj.weight"):   # the zero-init proj first
-        assert not torch.equal(trained[name], initial[name]), f"{name} did not train after the warm-up"
-
-
-def test_init_from_loads_the_weights_only_and_refuses_another_model(tmp_path):
-    quiet_train(SMOKE + [f"--out_dir={tmp_path / 'n1'}", "--sleep_passes=1"])
-    source = torch.load(tmp_path / "n1" / "ckpt.pt", weights_only=False)["model"]
-    cfg, result = quiet_train(SMOKE + [f"--out_dir={tmp_path / 'n2'}", f"--init_from={tmp_path / 'n1'}",
-                                       "--learning_rate=0", "--adamw_lr=0", "--max_iters=2", "--eval_interval=2"])
-    loaded = torch.load(tmp_path / "n2" / "ckpt.pt", weights_only=False)
-    assert loaded["step"] == 2 and loaded["model_config"]["sleep_passes"] == 2
-    for name, w in source.items():
-        assert torch.equal(loaded["model"][name], w), name        # lr 0: still exactly the source weights
-    with pytest.raises(ValueError, match="init_from"):
-        quiet_train(SMOKE + [f"--out_dir={tmp_path / 'other'}", f"--init_from={tmp_path / 'n1'}", "--layers=AGAG"])
-
-
-def test_main_refuses_bad_model_settings_before_training(capsys):
-    with pytest.raises(SystemExit, match="eviction"):
-        train.main(["--eviction=partial"])
-
-
-def test_curriculum_raises_the_hardest_level_to_all_levels_and_n_draws_are_seeded(tmp_path):
-    cfg, _ = smoke_config(tmp_path, "--curriculum_iters=100", "--train_sleep_passes=1,2,4")
-    task = train.make_task(cfg.task)
-    caps = [max(train.training_levels(step, cfg, task)) for step in range(0, 120, 10)]
-    assert caps == sorted(caps) and caps[0] == task.train_levels[0] and caps[-1] == task.train_levels[-1]
-    draws = [train.step_sleep_passes(step, cfg, [1, 2, 4]) for step in range(50)]
-    assert set(draws) == {1, 2, 4}
-    assert draws == [train.step_sleep_passes(step, cfg, [1, 2, 4]) for step in range(50)]
-
-
-def test_curriculum_cap_rises_linearly_over_curriculum_iters_not_over_the_run(tmp_path):
-    cfg, _ = smoke_config(tmp_path, "--curriculum_iters=100")        # rule110 cpu: levels t = 1..8, 4 steps in all
-    task = train.make_task(cfg.task)
-    assert task.train_levels == tuple(range(1, 9))
-    # the cap is 1 + 7 step / 100: 1 at step 0, 2.75 at 25, 4.5 at 50, 6.25 at 75, 7.93 at 99
-    for step, hardest in ((0, 1), (25, 2), (50, 4), (75, 6), (99, 7), (100, 8), (500, 8)):
-        assert list(train.training_levels(step, cfg, task)) == list(range(1, hardest + 1)), f"step {step}"
-
-
-def test_the_lr_schedule_drives_both_optimizers(tmp_path):
-    cfg, _ = quiet_train(SMOKE + [f"--out_dir={tmp_path}"])     # 4 steps, 2 of warm-up
-    muon, adamw = torch.load(tmp_path / "ckpt.pt", weights_only=False)["optimizers"]
-    last = train.lr_multiplier(cfg.max_iters - 1, cfg)           # the last step's multiplier: 0.55
-    assert last < 1
-    assert [g["lr"] for g in muon["param_groups"]] == pytest.approx([cfg.learning_rate * last])
-    assert [g["lr"] for g in adamw["param_groups"]] == pytest.approx([cfg.adamw_lr * last])
-
-
-def test_training_batches_follow_the_curriculum_step_by_step(tmp_path):
-    cfg, _ = smoke_config(tmp_path, "--curriculum_iters=4", "--max_iters=8", "--batch_size=64")
-    task = train.make_task(cfg.task)                     # rule110 cpu: one state, then its query "?1@t<t>"
-    batches = train.StepBatches(task, cfg)
-    # the cap 1 + 7 step / 4: 1, 2.75, 4.5, 6.25, then every level (t = 1..8)
-    for step, hardest in ((0, 1), (1, 2), (2, 4), (3, 6), (4, 8), (7, 8)):
-        rollouts = {int(task.vocab[i].split("@t")[1]) for i in batches[step][0][:, -1].tolist()}
-        assert max(rollouts) == hardest, f"step {step}: rollouts {sorted(rollouts)}"
-
-
-def test_train_sleep_passes_trains_each_step_at_its_drawn_n(tmp_path, monkeypatch):
-    passes = []
-    real_forward = SleepLM.forward
-
-    def recording(self, idx, targets=None, **kwargs):
-        if self.training:
-            passes.append(kwargs.get("sleep_passes"))
-        return real_forward(self, idx, targets, **kwargs)
-
-    monkeypatch.setattr(SleepLM, "forward", recording)
-    cfg, _ = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--train_sleep_passes=1,2,3", "--max_iters=8",
-                                  "--eval_interval=8"])
-    assert passes == [train.step_sleep_passes(step, cfg, [1, 2, 3]) for step in range(8)]
-    assert set(passes) == {1, 2, 3}
-
-
-def test_input_injection_changes_sleep_but_not_the_wake_pass():
-    x = tokens(2, 24)
-    plain, injected = tiny_model(), tiny_model(input_injection=True)
-    a, b = plain(x)[0], injected(x)[0]
-    assert_close(b[:, :8], a[:, :8], what="first window (wake pass, same weights)")
-    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-6, "injection should change what sleep writes into S"
-
-
-@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
-def test_weight_decay_shrinks_exactly_the_hidden_matrices_and_nothing_when_it_is_zero(optimizer):
-    # With zero gradients, an optimizer step changes a parameter only through its weight decay.
-    for weight_decay in (0.0, 0.1):
-        model = tiny_model(dtype=torch.float32)
-        before = {name: p.detach().clone() for name, p in model.named_parameters()}
-        optimizers = train.configure_optimizers(model, 0.01, 0.01, weight_decay=weight_decay, optimizer=optimizer)
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-        for opt in optimizers:
-            opt.step()
-        for name, p in model.named_parameters():
-            gate = name.endswith(("a_proj.weight", "b_proj.weight"))
-            hidden = name.startswith("blocks.") and p.dim() == 2 and not gate
-            if weight_decay and hidden:                  # decoupled decay: p <- p (1 - lr weight_decay)
-                assert_close(p.detach(), before[name] * (1 - 0.01 * weight_decay), 1e-6, 0, what=f"{name} decayed")
-            else:
-                assert torch.equal(p.detach(), before[name]), f"{name} changed, weight_decay={weight_decay}"
-
-
-# -- bench.py must keep running: its --quick mode produces every row with finite numbers (no timing asserted)
-
-HERE = Path(__file__).parent
-
-
-def test_quick_bench_produces_every_row_with_finite_numbers(tmp_path):
-    out = tmp_path / "bench.json"
-    # One thread: on a shared 2-core machine two OpenMP threads can stall for seconds per step.
-    done = subprocess.run([sys.executable, "bench.py", "--quick", "--device=cpu", "--threads=1", "--peak_tflops=1",
-                           f"--json={out}"],
-                          cwd=HERE, timeout=120, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    counts = {}
-    for r in rows:
-        counts[r["section"]] = counts.get(r["section"], 0) + 1
-    # rule: 3 rows per T (2 T in --quick) + the agreement check; train: N=1,2,4 + AAAA per task;
-    # wake: 4 positions x 2 models + the sleep; memory: 3 methods x 3 N; compile: one row (n/a in --quick).
-    assert counts == {"rule": 7, "train": 8, "wake": 9, "memory": 9, "compile": 1}
-    for r in rows:
-        if r["section"] == "compile":
-            assert r["value"] is None and r["reason"]
-            continue
-        numbers = [r["value"]] + ([r["ratio"]] if r["ratio"] is not None else []) + \
-                  ([r["tokens_per_s"]] if "tokens_per_s" in r else [])
-        assert all(isinstance(x, float) and math.isfinite(x) and x >= 0 for x in numbers), r
-        if r["section"] == "train":   # MFU = counted FLOPs / time / the 1 TFLOP/s given
-            assert r["mfu"] == pytest.approx(r["flops"] / (r["value"] / 1e3) / 1e12) and 0 < r["mfu"] < 1, r
-    assert max(r["value"] for r in rows if r["section"] == "rule" and r["unit"] == "abs diff") < 1e-4
-
-
-def test_bench_counts_the_flops_of_every_pass_and_of_backward():
-    """bench.py's MFU numerator: matmul FLOPs of forward + backward, linear in N (each pass re-runs the
-    blocks over the consolidated window), about 3x those of forward alone, and no optimizer FLOPs."""
-    import bench
-    from torch.utils.flop_counter import FlopCounterMode
-    task = data.make_task("depo")
-    idx, targets, _ = (torch.as_tensor(x) for x in task.train_batch(2, 0))
-    flops = [bench.training_step(bench.preset_model(task.vocab_size, task.window, torch.device("cpu"),
-                                                    sleep_passes=n), idx, targets).flops() for n in (1, 2, 3)]
-    assert flops[2] - flops[1] == pytest.approx(flops[1] - flops[0], rel=0.02)
-    model = bench.preset_model(task.vocab_size, task.window, torch.device("cpu"), sleep_passes=1)
-    with FlopCounterMode(display=False) as forward_only, torch.no_grad():
-        model(idx, targets)
-    assert 2.5 < flops[0] / forward_only.get_total_flops() < 3.5
-
-
-def test_optimizers_put_the_hidden_matrices_on_muon_and_the_rest_on_adamw():
-    model = tiny_model(dtype=torch.float32)
-    muon, adamw = train.configure_optimizers(model, 2e-3, 5e-4)
-    on_muon = {id(p) for g in muon.param_groups for p in g["params"]}
-    for name, p in model.named_parameters():
-        hidden = name.startswith("blocks.") and p.dim() == 2 and not name.endswith(("a_proj.weight", "b_proj.weight"))
-        assert (id(p) in on_muon) == hidden, name
-    assert sum(len(g["params"]) for g in adamw.param_groups) == len(list(model.parameters())) - len(on_muon)
-    assert len(train.configure_optimizers(model, 2e-3, 5e-4, optimizer="adamw")) == 1
-    with pytest.raises(ValueError, match="--optimizer must be one of muon, adamw"):
-        train.configure_optimizers(model, 2e-3, 5e-4, optimizer="sgd")
