@@ -1027,9 +1027,13 @@ def relay(run, labels, log, ms_per_step, sweep_eta):
 def sweep_eta(running, waiting, ms_per_step, parallel):
     """Seconds until the sweep is done: the runs under way, then the waiting ones shared among the
     processes (a waiting run's ms/step from a run with its N, else scaled by N from the slowest seen)."""
-    busy = [r["eta"] or 0.0 for r in running]
     per_pass = max((ms / n for n, ms in ms_per_step.items()), default=0.0)
-    queued = sum(c.max_iters * ms_per_step.get(c.sleep_passes, per_pass * c.sleep_passes) / 1000 for c in waiting)
+
+    def seconds(c):
+        return c.max_iters * ms_per_step.get(c.sleep_passes, per_pass * c.sleep_passes) / 1000
+
+    busy = [r["eta"] if r["eta"] is not None else seconds(r["cfg"]) for r in running]   # no line of its own yet
+    queued = sum(seconds(c) for c in waiting)
     return max(max(busy, default=0.0), (sum(busy) + queued) / parallel)
 
 
