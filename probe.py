@@ -37,7 +37,9 @@ What it does, for a run folder written by train.py (its ckpt.pt):
 How to read the output (a markdown table per model and target, and a heatmap per model):
   rows      "pass p": S right after pass p over the window that holds the item (Rule 110: each of
             the K states in its own window, accuracy averaged over the K windows; Depo: the last
-            graph window). "carried to query": the S that enters the prediction window.
+            graph window). "carried to query": the S that enters the prediction window, read for
+            every item (with K > 1 states also per state: state 1's rollout has to survive the writes
+            of the K - 1 later windows, state K's S is its window's last pass).
             "untrained", "shuffled targets": the controls. "chance (majority class)": always answering
             the test split's majority class, per target. Depo also gets "chance (a random other node of
             the graph)": what knowing only which nodes are in the graph gives, 1 / (n - 1) for n nodes,
@@ -249,6 +251,7 @@ class Item:
     class index, or -1 where there is nothing to score; window: the window after whose passes S is read."""
     window: int
     labels: torch.Tensor
+    name: str = ""
 
 
 def rule110_rollout(cells, steps):
@@ -274,7 +277,7 @@ def rule110_items(task, idx, targets):
         if any(token not in ("0", "1") for row in text for token in row):
             raise ValueError(f"rule110 layout: window {w} holds tokens other than cells 0 and 1")
         rollout = rule110_rollout(torch.tensor([[int(t) for t in row] for row in text]), steps)   # (B, j, W)
-        items.append(Item(window=w, labels=rollout.transpose(1, 2)))                               # (B, W, j)
+        items.append(Item(window=w, labels=rollout.transpose(1, 2), name=f"state {w + 1}"))        # (B, W, j)
     # The query "?i@t<t>" at position K*W + i - 1 asks the first cell of state i after t updates.
     for b in range(len(idx)):
         for i in range(K):
@@ -367,7 +370,7 @@ def depo_items(task, idx, targets, max_names, fit_rows):
     n = torch.tensor([len(successor) for successor in successors], dtype=torch.float64)[:, None, None]
     k = torch.arange(1, hops + 1)
     guess = torch.where(k % n == 0, 1.0, 1 / (n - 1)).expand(labels.shape).where(labels >= 0, torch.nan)
-    return [Item(window=graph_windows - 1, labels=labels)], len(names), probed, guess
+    return [Item(window=graph_windows - 1, labels=labels, name="graph")], len(names), probed, guess
 
 
 # -----------------------------------------------------------------------------
@@ -513,6 +516,7 @@ def probe_run(out_dir, cfg, log=print):
     if node_guess is not None:   # depo: the expected accuracy of guessing a node of the graph, on the test split
         chance["chance (a random other node of the graph)"] = node_guess[split[1]].nanmean(0)[None]
     return dict(out_dir=out_dir, task=task, run=run_cfg, N=model.config.sleep_passes, blocks=blocks,
+                items=[item.name for item in items],
                 features=carried.shape[1], examples=len(idx), fit=len(split[0]), test=len(split[1]),
                 results=results, chance=chance, names=names, seconds=time.time() - started)
 
@@ -536,16 +540,24 @@ def panels(summary):
              lambda a: a.nanmean(dim=(0, 1)))]
 
 
+def accuracy_rows(summary, model, kind):
+    """[(row label, (items, V, C) accuracy)] of one model ("trained" or "untrained") and kind ("real" or
+    "shuffled"): every row of probe_states, and with several items (Rule 110's K states) the S carried to
+    the query once more per item, since the earlier states must survive the later windows' writes."""
+    rows = []
+    for row, acc in summary["results"][model].items():
+        rows.append((row, acc[kind]))
+        if row == "carried to query" and len(summary["items"]) > 1:
+            rows += [(f"{row}, {name}", acc[kind][i:i + 1]) for i, name in enumerate(summary["items"])]
+    return rows
+
+
 def table_rows(summary, reduce):
     """[(row label, (C,) accuracies)]: the trained rows, the controls, chance."""
-    rows = []
-    for name in ("trained", "untrained"):
-        for row, acc in summary["results"][name].items():
-            rows.append((row if name == "trained" else f"untrained model, {row}", reduce(acc["real"])))
-    for row, acc in summary["results"]["trained"].items():
-        rows.append((f"shuffled targets, {row}", reduce(acc["shuffled"])))
-    rows += [(label, reduce(values)) for label, values in summary["chance"].items()]
-    return rows
+    rows = [(row, reduce(acc)) for row, acc in accuracy_rows(summary, "trained", "real")]
+    rows += [(f"untrained model, {row}", reduce(acc)) for row, acc in accuracy_rows(summary, "untrained", "real")]
+    rows += [(f"shuffled targets, {row}", reduce(acc)) for row, acc in accuracy_rows(summary, "trained", "shuffled")]
+    return rows + [(label, reduce(values)) for label, values in summary["chance"].items()]
 
 
 def title(summary):
@@ -575,7 +587,7 @@ def markdown(summary):
 def heatmap_rows(summary, reduce):
     """The trained rows, then the controls (read from the S carried to the query) and chance: [(label, (C,))]."""
     results = summary["results"]
-    rows = [(row, reduce(acc["real"])) for row, acc in results["trained"].items()]
+    rows = [(row, reduce(acc)) for row, acc in accuracy_rows(summary, "trained", "real")]
     rows += [("untrained, carried", reduce(results["untrained"]["carried to query"]["real"])),
              ("shuffled, carried", reduce(results["trained"]["carried to query"]["shuffled"]))]
     return rows + [(label, reduce(values)) for label, values in summary["chance"].items()]
@@ -608,7 +620,7 @@ def draw(summaries, path, log=print):
                     light = grid[i, j] > vmin + 0.6 * (1 - vmin)
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
                             color="black" if light else "white")
-            ax.axhline(len(summary["results"]["trained"]) - 0.5, color="white", linewidth=3)   # controls below
+            ax.axhline(len(rows) - 2.5 - len(summary["chance"]), color="white", linewidth=3)   # controls below
             ax.set_xticks(range(len(labels)), [str(x) for x in labels], fontsize=8)
             ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
             ax.set_xlabel(letter, fontsize=8)

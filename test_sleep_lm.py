@@ -1547,9 +1547,11 @@ def test_probe_rule110_rollout_agrees_with_the_task_and_the_rule_table():
 
 @pytest.fixture(scope="module")
 def probe_runs(tmp_path_factory):
-    """Tiny trained runs (4 steps each) to probe: rule110 at N = 2 and N = 1, depo and math at N = 2."""
+    """Tiny trained runs (4 steps each) to probe: rule110 at N = 2 and N = 1, rule110 with two states of 8 cells,
+    depo and math, at N = 2."""
     runs = {}
     for name, extra in {"rule110": ["--task=rule110"], "rule110_N1": ["--task=rule110", "--sleep_passes=1"],
+                        "rule110_K2": ["--task=rule110", "--states=2", "--width=8"],
                         "depo": ["--task=depo"], "math": ["--task=math"]}.items():
         folder = tmp_path_factory.mktemp(name)
         cfg, overrides = smoke_config(folder, *extra)
@@ -1568,7 +1570,7 @@ def probe_table_rows(text):
     return rows
 
 
-@pytest.mark.parametrize("run, columns", [("rule110", 9), ("depo", 2)])
+@pytest.mark.parametrize("run, columns", [("rule110", 9), ("rule110_K2", 9), ("depo", 2)])
 def test_probe_end_to_end_on_a_trained_checkpoint_writes_a_table(probe_runs, tmp_path, run, columns):
     md = tmp_path / "probe.md"
     summaries = probe.main([f"--out_dir={probe_runs[run]}", "--examples=64", f"--md={md}", "--png="],
@@ -1578,12 +1580,14 @@ def test_probe_end_to_end_on_a_trained_checkpoint_writes_a_table(probe_runs, tmp
     expected = ["pass 1", "pass 2", "carried to query", "untrained model, pass 1", "untrained model, carried to query",
                 "shuffled targets, pass 2", "chance (majority class)"]
     assert all(label in rows for label in expected), sorted(rows)
-    panels = 2 if run == "rule110" else 1               # rule110: every cell, and the first cell
+    if run == "rule110_K2":                             # the S carried to the query, read for each state
+        assert "carried to query, state 1" in rows and "untrained model, carried to query, state 2" in rows
+    panels = 1 if run == "depo" else 2                  # rule110: every cell, and the first cell
     for label, tables in rows.items():
         assert len(tables) == panels and all(len(values) == columns for values in tables), label
         assert all(0 <= v <= 1 for values in tables for v in values if not math.isnan(v)), label
-    # pass 2 is the last pass: what is carried to the query is read as well from it as from pass 2
-    assert rows["pass 2"] == rows["carried to query"]
+    if run != "rule110_K2":   # one item, read after the last window's pass 2: the S carried to the query
+        assert rows["pass 2"] == rows["carried to query"]
 
 
 def test_probe_compare_draws_n1_beside_n2_in_one_figure(probe_runs, tmp_path):
