@@ -531,10 +531,10 @@ def panels(summary):
     task = summary["task"]
     if task.name == "rule110":
         steps = list(range(max(task.supported_levels) + 1))
-        return [("every cell of the state after j updates (mean over cells and states)", "j", steps,
-                 lambda a: a.nanmean(dim=(0, 1))),
-                ("the first cell after j updates (what the query asks at t = j)", "j", steps,
-                 lambda a: a[:, 0].nanmean(dim=0))]
+        return [("the first cell after j updates (what the query asks at t = j)", "j", steps,
+                 lambda a: a[:, 0].nanmean(dim=0)),
+                ("every cell of the state after j updates (mean over cells and states)", "j", steps,
+                 lambda a: a.nanmean(dim=(0, 1)))]
     hops = list(range(1, task.params["max_hops"] + 1))
     return [(f"each node's k-hop successor (mean over {len(summary['names'])} names)", "k", hops,
              lambda a: a.nanmean(dim=(0, 1)))]
@@ -607,8 +607,8 @@ def draw(summaries, path, log=print):
     vmin = min(0.5, math.floor(10 * lowest) / 10)
     heights = [max(len(run[p][1]) for run in grids) for p in range(len(grids[0]))]
     columns = max(len(view[2]) for run in grids for view, _ in run)
-    size = (2.5 + 0.6 * columns * len(summaries), 1.2 + 0.32 * sum(heights) + 0.5 * len(heights))
-    fig, axes = plt.subplots(len(heights), len(summaries), squeeze=False, figsize=size,
+    size = (1 + (2 + 0.6 * columns) * len(summaries), 1 + 0.32 * sum(heights) + 0.6 * len(heights))
+    fig, axes = plt.subplots(len(heights), len(summaries), squeeze=False, figsize=size, layout="constrained",
                              gridspec_kw=dict(height_ratios=heights))
     for c, (summary, run) in enumerate(zip(summaries, grids)):
         for r, ((heading, letter, labels, _), rows) in enumerate(run):

@@ -1582,7 +1582,7 @@ def test_probe_end_to_end_on_a_trained_checkpoint_writes_a_table(probe_runs, tmp
     assert all(label in rows for label in expected), sorted(rows)
     if run == "rule110_K2":                             # the S carried to the query, read for each state
         assert "carried to query, state 1" in rows and "untrained model, carried to query, state 2" in rows
-    panels = 1 if run == "depo" else 2                  # rule110: every cell, and the first cell
+    panels = 1 if run == "depo" else 2                  # rule110: the first cell, and every cell
     for label, tables in rows.items():
         assert len(tables) == panels and all(len(values) == columns for values in tables), label
         assert all(0 <= v <= 1 for values in tables for v in values if not math.isnan(v)), label
