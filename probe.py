@@ -68,7 +68,9 @@ from data import make_task
 from sleep_lm import SleepLM, SleepLMConfig
 
 PROBED_TASKS = ("rule110", "depo")
-RIDGE_STRENGTHS = tuple(10.0 ** k for k in range(-1, 6))   # lambda grid, for standardised features
+# The ridge strengths tried (features standardised). Wide on purpose: the untrained model's S is nearly low-rank
+# and is read best with almost no ridge (1e-6 .. 1e-3 on Rule 110); shuffled targets pick the strongest.
+RIDGE_STRENGTHS = tuple(10.0 ** k for k in range(-8, 7))
 MAX_ONE_HOT_COLUMNS = 8192                                   # targets x classes fitted at once (memory)
 
 # The Rule 110 table as the paper gives it: (left, centre, right) -> new centre.
@@ -411,7 +413,7 @@ def readout_predictions(X_fit, labels_fit, X_test, n_classes, groups, val_frac, 
         raise ValueError(f"too few fit examples ({len(X_fit)}) for a validation split of {val_frac}")
     M = labels_fit.shape[1]
     chunk = max(1, MAX_ONE_HOT_COLUMNS // n_classes)
-    chosen = torch.empty(M)
+    chosen = torch.empty(M, dtype=torch.float64)
     # 1. the strength: fit on the first rows, score on the held-out last rows of the fit split
     predict = ridge_fitter(X_fit[:-n_val])
     right = torch.zeros(len(strengths), M)          # correct validation answers per strength and target
