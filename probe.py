@@ -151,7 +151,7 @@ def help_text():
 
 def load_run(out_dir, device="cpu"):
     """(trained model, untrained model, task, the run's TrainConfig) from out_dir/ckpt.pt."""
-    ckpt = train.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    ckpt = read_checkpoint(out_dir)
     cfg = train.saved_config(ckpt)
     if cfg.task not in PROBED_TASKS:
         raise ValueError(f"--out_dir={out_dir} holds a {cfg.task} run: the probe supports {' and '.join(PROBED_TASKS)}")
@@ -170,6 +170,13 @@ def load_run(out_dir, device="cpu"):
             model.load_state_dict(weights)
         models.append(model.to(device).eval())
     return models[0], models[1], task, cfg
+
+
+def read_checkpoint(out_dir):
+    if not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        raise FileNotFoundError(f"no ckpt.pt in {out_dir}: --out_dir and --compare take a run folder "
+                                f"written by train.py")
+    return train.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
 
 
 def held_out_examples(task, n):
@@ -638,7 +645,7 @@ def check_same_task(cfg):
     """--compare must be a run of the same task (same parameters): its heatmaps sit beside the first run's."""
     tasks = []
     for out_dir in (cfg.out_dir, cfg.compare):
-        ckpt = train.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        ckpt = read_checkpoint(out_dir)
         tasks.append((ckpt["config"]["task"], ckpt["task"]))
     if tasks[0] != tasks[1]:
         raise ValueError(f"--compare={cfg.compare} holds another task than --out_dir={cfg.out_dir} "
