@@ -1609,9 +1609,10 @@ def test_probe_compare_draws_n1_beside_n2_in_one_figure(probe_runs, tmp_path):
     (["--examples=many"], "--examples expects an integer"),
     ([], r"holds a math run: the probe supports rule110 and depo"),
     (["--compare=depo"], "--compare=.* holds another task than --out_dir"),
+    (["--compare=/nonexistent"], "no ckpt.pt in /nonexistent"),
 ])
 def test_probe_refuses_bad_input_with_a_value_error_naming_the_setting(probe_runs, argv, message):
     run = probe_runs["math"] if not argv else probe_runs["rule110"]
     argv = [a.replace("=depo", f"={probe_runs['depo']}") for a in argv]
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(FileNotFoundError if "ckpt.pt" in message else ValueError, match=message):
         probe.main([f"--out_dir={run}", "--examples=32", "--md=", "--png="] + argv, log=lambda *a: None)
