@@ -616,7 +616,7 @@ def draw(summaries, path, log=print):
     vmin = min(0.5, math.floor(10 * lowest) / 10)
     heights = [max(len(run[p][1]) for run in grids) for p in range(len(grids[0]))]
     columns = max(len(view[2]) for run in grids for view, _ in run)
-    size = (1 + (2 + 0.6 * columns) * len(summaries), 1 + 0.32 * sum(heights) + 0.6 * len(heights))
+    size = (1 + max(4.5, 2 + 0.6 * columns) * len(summaries), 1 + 0.32 * sum(heights) + 0.8 * len(heights))
     fig, axes = plt.subplots(len(heights), len(summaries), squeeze=False, figsize=size, layout="constrained",
                              gridspec_kw=dict(height_ratios=heights))
     for c, (summary, run) in enumerate(zip(summaries, grids)):
@@ -633,7 +633,7 @@ def draw(summaries, path, log=print):
             ax.set_xticks(range(len(labels)), [str(x) for x in labels], fontsize=8)
             ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
             ax.set_xlabel(letter, fontsize=8)
-            ax.set_title(f"{title(summary)}\n{heading}", fontsize=7)
+            ax.set_title(title(summary).replace("; ", "\n") + f"\n{heading}", fontsize=7)
     fig.colorbar(image, ax=axes, shrink=0.8, label="test accuracy of a linear read-out of S")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
