@@ -1470,7 +1470,8 @@ import probe  # noqa: E402  (this section is appended; probe.py imports sleep_lm
 
 def synthetic_probe_case(n_classes, seed=0, examples=600, variables=4, columns=2, missing=0.0, noise=0.3):
     """Labels (B, V, C) and an S (B, 2, 4, 8) that holds a random linear code of their one-hot form plus
-    Gaussian noise, offset and scaled per feature; a fraction `missing` of the labels is -1 (not scored), as for Depo's absent names."""
+    Gaussian noise, offset and scaled per feature; a fraction `missing` of the labels is -1 (not scored),
+    as for Depo's absent names."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, n_classes, (examples, variables, columns), generator=g)
     labels[torch.rand(labels.shape, generator=g) < missing] = -1
