@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import probe
 import train
 from sleep_lm import CompiledSleepCache, SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
 
@@ -1954,6 +1955,161 @@ def test_bench_counts_the_flops_of_every_pass_and_of_backward():
     with FlopCounterMode(display=False) as forward_only, torch.no_grad():
         model(idx, targets)
     assert 2.5 < flops[0] / forward_only.get_total_flops() < 3.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# probe.py: linear read-outs of the fast weights S, pass by pass
+
+
+def synthetic_probe_case(n_classes, seed=0, examples=600, variables=4, columns=2, missing=0.0, noise=0.3):
+    """Labels (B, V, C) and an S (B, 2, 4, 8) that holds a random linear code of their one-hot form plus
+    Gaussian noise, offset and scaled per feature; a fraction `missing` of the labels is -1 (not scored),
+    as for Depo's absent names."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n_classes, (examples, variables, columns), generator=g)
+    labels[torch.rand(labels.shape, generator=g) < missing] = -1
+    code = torch.randn(variables * columns * n_classes, 64, generator=g, dtype=torch.float64)
+    S = probe.one_hot(labels.flatten(1), n_classes) @ code + noise * torch.randn(examples, 64, generator=g,
+                                                                                   dtype=torch.float64)
+    S = 3 + S * torch.rand(64, generator=g, dtype=torch.float64)     # features with a mean and unequal scales
+    order = torch.randperm(examples, generator=g)
+    split = (order[examples // 3:], order[:examples // 3])
+    return labels, S.view(examples, 2, 4, 8).flatten(1), split
+
+
+@pytest.mark.parametrize("n_classes, missing", [(2, 0.0), (5, 0.3)])
+def test_probe_readout_recovers_targets_linearly_coded_in_a_synthetic_s(n_classes, missing):
+    labels, S, split = synthetic_probe_case(n_classes, missing=missing)
+    item = probe.Item(window=0, labels=labels)
+    results = probe.probe_states({0: [S]}, S, [item], split, n_classes, val_frac=0.25)
+    for row in ("pass 1", "carried to query"):
+        accuracy = results[row]["real"]
+        assert accuracy.shape == (1, 4, 2) and accuracy.min() > 0.97, (row, accuracy)
+    chance = probe.majority_rate(labels[split[1]].flatten(1), n_classes)
+    assert chance.max() < 0.7
+
+
+@pytest.mark.parametrize("n_classes, missing", [(2, 0.0), (5, 0.3)])
+def test_probe_readout_of_shuffled_targets_scores_chance(n_classes, missing):
+    labels, S, split = synthetic_probe_case(n_classes, missing=missing)
+    shuffle = torch.randperm(len(split[0]), generator=torch.Generator().manual_seed(1))
+    results = probe.probe_states({0: [S]}, S, [probe.Item(window=0, labels=labels)], split, n_classes,
+                                 val_frac=0.25, shuffle=shuffle)
+    assert results["pass 1"]["real"].min() > 0.97          # the same S and split hold the real targets
+    shuffled = results["pass 1"]["shuffled"].nanmean().item()
+    assert abs(shuffled - 1 / n_classes) < 0.06, shuffled
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_probe_collects_after_the_last_pass_the_s_that_forward_carries_into_the_next_window(eviction):
+    model = tiny_model(eviction=eviction)                   # AGAG, L = 8, N = 3, float64
+    idx = tokens(3, 28)
+    targets = torch.full_like(idx, -1)
+    targets[:, 25:] = idx[:, 25:]                           # windows 0-2 consolidate, 24-27 predicts
+    carried_by_forward = []
+    process_window = model.process_window
+
+    def recording(*args, **kwargs):                         # forward's own windows, S as it leaves each
+        logits, S, extended = process_window(*args, **kwargs)
+        carried_by_forward.append(S)
+        return logits, S, extended
+
+    model.process_window = recording
+    with torch.no_grad():
+        model(idx, targets)
+    passes, carried = probe.collect_states(model, idx, targets, windows=[0, 1, 2], blocks=[1, 3], batch_size=2)
+
+    def flat(S):
+        return torch.cat([S[1].flatten(1), S[3].flatten(1)], dim=1)
+
+    for w in range(3):
+        assert len(passes[w]) == 3
+        assert_close(passes[w][-1], flat(carried_by_forward[w]), what=f"window {w}, pass 3")
+        assert (passes[w][0] - passes[w][-1]).abs().max() > 1e-3   # the passes do write into S
+    assert_close(carried, flat(carried_by_forward[2]), what="S carried to the prediction window")
+
+
+def test_probe_rule110_rollout_agrees_with_the_task_and_the_rule_table():
+    cells = torch.randint(0, 2, (64, 11), generator=torch.Generator().manual_seed(0))
+    rollout = probe.rule110_rollout(cells, 5)
+    expected = cells.numpy()
+    for j in range(6):
+        assert (rollout[:, j].numpy() == expected).all(), j
+        expected = data.rule110_step(expected)
+    assert rollout[0, 1].tolist() == [int(c) for c in rule110_after("".join(map(str, cells[0].tolist())), 1)]
+
+
+@pytest.fixture(scope="module")
+def probe_runs(tmp_path_factory):
+    """Tiny trained runs (4 steps each) to probe: rule110 at N = 2 and N = 1, rule110 with two states of 8 cells,
+    depo and math, at N = 2."""
+    runs = {}
+    for name, extra in {"rule110": ["--task=rule110"], "rule110_N1": ["--task=rule110", "--sleep_passes=1"],
+                        "rule110_K2": ["--task=rule110", "--states=2", "--width=8"],
+                        "depo": ["--task=depo"], "math": ["--task=math"]}.items():
+        folder = tmp_path_factory.mktemp(name)
+        cfg, overrides = smoke_config(folder, *extra)
+        train.train(cfg, overrides, log=lambda *a: None)
+        runs[name] = folder
+    return runs
+
+
+def probe_table_rows(text):
+    """{row label: [numbers]} of every markdown table row in text."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[1:] and re.fullmatch(r"[\d.na]+", cells[1]):
+            rows.setdefault(cells[0], []).append([float(c) for c in cells[1:]])
+    return rows
+
+
+@pytest.mark.parametrize("run, columns", [("rule110", 9), ("rule110_K2", 9), ("depo", 2)])
+def test_probe_end_to_end_on_a_trained_checkpoint_writes_a_table(probe_runs, tmp_path, run, columns):
+    md = tmp_path / "probe.md"
+    summaries = probe.main([f"--out_dir={probe_runs[run]}", "--examples=64", f"--md={md}", "--png="],
+                           log=lambda *a: None)
+    assert summaries[0]["N"] == 2 and summaries[0]["test"] == 16
+    rows = probe_table_rows(md.read_text())
+    expected = ["pass 1", "pass 2", "carried to query", "untrained model, pass 1", "untrained model, carried to query",
+                "shuffled targets, pass 2", "chance (majority class)"]
+    assert all(label in rows for label in expected), sorted(rows)
+    if run == "rule110_K2":                             # the S carried to the query, read for each state
+        assert "carried to query, state 1" in rows and "untrained model, carried to query, state 2" in rows
+    panels = 1 if run == "depo" else 2                  # rule110: the first cell, and every cell
+    for label, tables in rows.items():
+        assert len(tables) == panels and all(len(values) == columns for values in tables), label
+        assert all(0 <= v <= 1 for values in tables for v in values if not math.isnan(v)), label
+    if run != "rule110_K2":   # one item, read after the last window's pass 2: the S carried to the query
+        assert rows["pass 2"] == rows["carried to query"]
+
+
+def test_probe_compare_draws_n1_beside_n2_in_one_figure(probe_runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    png, md = tmp_path / "probe.png", tmp_path / "probe.md"
+    summaries = probe.main([f"--out_dir={probe_runs['rule110_N1']}", f"--compare={probe_runs['rule110']}",
+                            "--examples=48", f"--md={md}", f"--png={png}"], log=lambda *a: None)
+    assert [s["N"] for s in summaries] == [1, 2]
+    assert md.read_text().count("### rule110") == 2 and png.stat().st_size > 10_000
+    assert "pass 2" not in probe_table_rows(md.read_text().split("### ")[1])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--examples=8"], "--examples must be >= 16"),
+    (["--test_frac=1.5"], "--test_frac must be between 0 and 1"),
+    (["--block=first"], "--block must be all or the index of a GDN block"),
+    (["--block=0"], r"--block=0 is not a GDN block of this model \(layers AG\); allowed: all or one of \[1\]"),
+    (["--colour=red"], "unknown setting --colour"),
+    (["--examples=many"], "--examples expects an integer"),
+    ([], r"holds a math run: the probe supports rule110 and depo"),
+    (["--compare=depo"], "--compare=.* holds another task than --out_dir"),
+    (["--compare=/nonexistent"], "no ckpt.pt in /nonexistent"),
+])
+def test_probe_refuses_bad_input_with_a_value_error_naming_the_setting(probe_runs, argv, message):
+    run = probe_runs["math"] if not argv else probe_runs["rule110"]
+    argv = [a.replace("=depo", f"={probe_runs['depo']}") for a in argv]
+    with pytest.raises(FileNotFoundError if "ckpt.pt" in message else ValueError, match=message):
+        probe.main([f"--out_dir={run}", "--examples=32", "--md=", "--png="] + argv, log=lambda *a: None)
 
 
 # ----------------------------------------------------------------------------------------------------
