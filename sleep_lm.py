@@ -26,11 +26,8 @@ Shape letters:
   Dk / Dv key / value head dims, L window (tokens per window), N sleep passes (N = 1: no sleep),
   Lc chunk length of the chunkwise local rule (a speed device inside one call, not a window).
 
-Eviction modes (what survives a window boundary):
-  "hard"    only S (and nothing else) crosses into the next window: the paper's Algorithm 1.
-  "sliding" S, plus the newest L - 1 tokens of attention context (and the conv windows).
-  "none"    nothing is evicted and nothing sleeps: one ordinary pass with full attention over the
-            whole sequence (the no-eviction upper bound; window and sleep_passes are ignored).
+Eviction (what crosses a window boundary): "hard" only S (Algorithm 1); "sliding" S and the newest
+L - 1 tokens of context; "none" no windows, no sleep: one pass of full attention (an upper bound).
 """
 
 import contextlib
@@ -228,8 +225,7 @@ class GatedDeltaNet(nn.Module):
     q, k, v pass a short causal depthwise conv + SiLU; q and k are L2-normalised per head (q also
     scaled by 1/sqrt(Dk)); beta = sigmoid(W_b x); log_decay = -exp(A_log) * softplus(W_a x + dt_bias).
     The output goes through a gated RMSNorm, norm(o) * silu(W_g x), and a projection.
-    The context is the conv window: the last conv_size - 1 pre-conv q, k, v rows, (B, conv_size - 1, 3 * H * D)
-    (zeros at the start and after a hard eviction; None also means zeros).
+    The context is the conv window: the last conv_size - 1 pre-conv q, k, v rows (zeros after a hard eviction).
     """
 
     def __init__(self, config):
@@ -430,12 +426,8 @@ class SleepLM(nn.Module):
         return context, S
 
     def block_pass(self, h, pos, context, S, span, blocks=None):
-        """One pass of the blocks in range `blocks` (default: all) over features h (B, T, C) at positions pos (T,).
-
-        context: per-block context from before the window; S: per-block fast weights.
-        Returns the new features, the new S and every block's extended context (per-block lists in
-        which a block that did not run keeps the S and the context it was given).
-        """
+        """One pass of the blocks in range `blocks` (default: all) over h (B, T, C) at positions pos (T,), from
+        per-block context and S. Returns h, S and the extended contexts (a block that did not run keeps its own)."""
         S, extended = list(S), list(context)
         for i in range(len(self.blocks)) if blocks is None else blocks:
             h, S[i], extended[i] = self.blocks[i](h, pos, context[i], S[i], span)
@@ -768,12 +760,10 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the torch.compile mod
 
 
 class CompiledSleepCache(SleepCache):
-    """SleepCache with its one-token wake step under torch.compile in compile_mode ("reduce-overhead": one
-    CUDA graph replay per token). For that every attention context is kept at exactly L - 1 entries,
-    padded in front with entries no query can see, so that all one-token steps have the same shapes.
-    The same logits as SleepCache (test_compiled_one_token_wake_has_static_shapes_and_matches_the_eager_cache).
-    Under eviction "none" there is no window to fix the shapes to: it is the eager cache.
-    """
+    """SleepCache with its one-token wake step under torch.compile ("reduce-overhead": a CUDA graph replay per
+    token). Every attention context is kept at exactly L - 1 entries, padded with entries no query can see, so
+    all one-token steps share one graph; the same logits (test_compiled_one_token_wake_has_static_shapes_...).
+    Under eviction "none" (no window to fix the shapes to) it is the eager cache."""
 
     def __init__(self, model, batch_size, *, compile_mode="default", **kwargs):
         self.compile_mode = None                     # the eager cache until the compiled step exists
