@@ -2113,6 +2113,31 @@ def test_probe_refuses_bad_input_with_a_value_error_naming_the_setting(probe_run
 
 
 # ----------------------------------------------------------------------------------------------------
+# scripts/fig2.py: the grid of one model per t and N, as a table and a figure
+
+
+def test_fig2_tables_every_finished_run_of_the_grid_by_t_and_n(tmp_path, capsys):
+    sys.path.insert(0, str(HERE / "scripts"))
+    import fig2
+    for t in (1, 2):
+        for n in (1, 2):
+            quiet_train(SMOKE + [f"--out_dir={tmp_path / f't{t}' / f'N{n}_seed0'}", f"--sleep_passes={n}",
+                                 "--states=2", "--width=8", f"--t_min={t}", f"--t_max={t}", f"--levels={t}"])
+    unfinished = tmp_path / "t2" / "N3_seed0"
+    quiet_train(SMOKE + [f"--out_dir={unfinished}", "--sleep_passes=3", "--states=2", "--width=8", "--t_min=2",
+                         "--t_max=2", "--levels=2", "--max_iters=2"])
+    ckpt = torch.load(unfinished / "ckpt.pt", weights_only=False)
+    ckpt["config"]["max_iters"] = 4                     # as if still training: left out
+    torch.save(ckpt, unfinished / "ckpt.pt")
+    fig2.main([f"--root={tmp_path}", f"--out={tmp_path / 'fig2'}"])
+    table = (tmp_path / "fig2.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if re.match(r"\| \d ", line)}
+    assert set(rows) == {"1", "2"}, table               # N = 3 never finished
+    exact = torch.load(tmp_path / "t2" / "N2_seed0" / "ckpt.pt", weights_only=False)["history"][-1]["eval"]["2"][2]
+    assert f"{exact['exact']:.3f} (seed 0)" in rows["2"].split("|")[3]
+
+
+# ----------------------------------------------------------------------------------------------------
 # README.md and docs/: every command and code block runs as written
 
 
