@@ -395,7 +395,9 @@ class SleepLM(nn.Module):
             consolidate = bool((y < 0).all())      # no answer in this window: sleep on it
             h = self.wte(x)                         # embed once
             for p in range(N if consolidate else 1):   # pass 1 wakes; passes 2..N sleep, each from the
-                h, S, _ = self.block_pass(h, pos, context, S, L)   # previous pass's features and S
+                # previous pass's features and S. Attention sees the window's own tokens (at most L back);
+                # context, what came before the window, stays empty: hard eviction keeps nothing of it.
+                h, S, _ = self.block_pass(h, pos, context, S, L)
                 if p == 0:
                     logits.append(self.head(h))     # what the model predicts from: the wake pass
             if not consolidate:

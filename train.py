@@ -72,7 +72,7 @@ class TrainConfig:
     bptt_passes: int = 0             # 0 = full backprop; K = through the last K passes (straight through the others)
     checkpoint_windows: bool = False  # recompute each window's passes in backward: less memory, more time
     input_injection: bool = False    # add the embeddings before every sleep pass (not in Algorithm 1)
-    # training levers (see the README's "Making sleep pay off at small scale")
+    # training levers (see docs/making-sleep-pay-off.md)
     train_sleep_passes: str = ""     # comma list: N drawn per step from it (seeded); saved and evaluated at the largest
     curriculum_iters: int = 0        # raise the hardest training level from the easiest to the hardest over these steps
     ssm_warmup_iters: int = 0        # the first K steps train only the G blocks, under hard eviction (paper sec. 6.4)
@@ -443,7 +443,8 @@ def _convert(key, text, default):
             return kind(type(default[0])(x) if default else int(x) for x in text.split(","))
         return kind(text)
     except ValueError:
-        raise ValueError(f"--{key} expects a {kind.__name__} (like {default!r}), got {text!r}") from None
+        raise ValueError(f"--{key} expects {'an' if kind.__name__[0] in 'aeiou' else 'a'} {kind.__name__} "
+                         f"(like {default!r}), got {text!r}") from None
 
 
 def preset_settings(task_name, preset):
@@ -926,6 +927,9 @@ def sweep(cfg, task_overrides, log=print):
                        lambda text, label=label: log(f"{label} {text}"), later_steps=later)
         if int(os.environ.get("RANK", 0)) != 0:
             continue                  # the other processes of torchrun help train; rank 0 evaluates and collects
+        if len(result["losses"]) > run_cfg.max_iters:
+            log(f"{label} note: this run was extended to step {len(result['losses'])}, past the sweep's "
+                f"{run_cfg.max_iters}: its row is at that step, not at the other runs'")
         runs.append(dict(sleep_passes=run_cfg.sleep_passes, seed=run_cfg.seed,
                          final=result["final"][run_cfg.sleep_passes],
                          history=result["history"], elapsed=result["elapsed"], steps=len(result["losses"])))
