@@ -424,6 +424,7 @@ RUN_CONTROL = ("out_dir", "resume", "eval_only", "sweep", "seeds", "parallel", "
                "eval_sleep_passes", "log_interval")
 
 
+MAY_CHANGE = set(RUN_CONTROL) | {"max_iters"}   # what --resume / --eval_only may give anew (max_iters: only larger)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -684,15 +685,14 @@ def check_against_checkpoint(cfg, task_overrides, ckpt, path, given=None):
     """The one place that compares settings with a checkpoint's: training settings and task parameters
     must match (run control and a larger max_iters may differ). given: only these flags (the command line)."""
     saved = dataclasses.asdict(saved_config(ckpt))
-    may_change = set(RUN_CONTROL) | {"max_iters"}
     keys = [k for k in dataclasses.asdict(cfg) if given is None or k in given]
     differ = [f"--{k}={getattr(cfg, k)} (checkpoint: {saved[k]})" for k in keys
-              if k not in may_change and k in saved and getattr(cfg, k) != saved[k]]
+              if k not in MAY_CHANGE and k in saved and getattr(cfg, k) != saved[k]]
     differ += [f"--{k}={v} (checkpoint: {ckpt['task'].get(k)})" for k, v in task_overrides.items()
                if ckpt["task"].get(k) != v]
     if differ:
         raise ValueError(f"{path} holds another run; these settings differ from it: {', '.join(differ)}. Only "
-                         f"{', '.join(sorted(may_change))} may change (start a new run in another --out_dir, or "
+                         f"{', '.join(sorted(MAY_CHANGE))} may change (start a new run in another --out_dir, or "
                          f"--init_from={os.path.dirname(path)} to start from its weights)")
 
 
@@ -719,11 +719,10 @@ def restore_run(cfg, overrides, given):
     ckpt = load_checkpoint(path)
     saved = saved_config(ckpt)
     check_against_checkpoint(cfg, overrides, ckpt, path, given=given)
-    may_change = set(RUN_CONTROL) | {"max_iters"}
     # the machine's settings come from this command line (its defaults if not given), the rest of
     # the run control from the checkpoint unless given
     here = ("out_dir", "resume", "eval_only", "device", "threads", "num_workers", "compile", "compile_mode", "parallel")
-    keep = {k: getattr(cfg, k) for k in may_change if k in given or k in here}
+    keep = {k: getattr(cfg, k) for k in MAY_CHANGE if k in given or k in here}
     cfg = dataclasses.replace(saved, **keep)
     if cfg.resume and cfg.max_iters < saved.max_iters:
         raise ValueError(f"--max_iters={cfg.max_iters} is below the run's {saved.max_iters}: a resumed run can "
