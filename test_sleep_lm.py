@@ -2116,25 +2116,38 @@ def test_probe_refuses_bad_input_with_a_value_error_naming_the_setting(probe_run
 # scripts/fig2.py: the grid of one model per t and N, as a table and a figure
 
 
-def test_fig2_tables_every_finished_run_of_the_grid_by_t_and_n(tmp_path, capsys):
+def test_fig2_tables_every_finished_run_by_t_and_n_and_keeps_a_record_across_sittings(tmp_path, capsys):
     sys.path.insert(0, str(HERE / "scripts"))
     import fig2
+    cell = SMOKE + ["--states=2", "--width=8", "--max_iters=4"]
     for t in (1, 2):
         for n in (1, 2):
-            quiet_train(SMOKE + [f"--out_dir={tmp_path / f't{t}' / f'N{n}_seed0'}", f"--sleep_passes={n}",
-                                 "--states=2", "--width=8", f"--t_min={t}", f"--t_max={t}", f"--levels={t}"])
-    unfinished = tmp_path / "t2" / "N3_seed0"
-    quiet_train(SMOKE + [f"--out_dir={unfinished}", "--sleep_passes=3", "--states=2", "--width=8", "--t_min=2",
-                         "--t_max=2", "--levels=2", "--max_iters=2"])
+            quiet_train(cell + [f"--out_dir={tmp_path / 'runs' / f't{t}' / f'N{n}_seed0'}", f"--sleep_passes={n}",
+                                f"--t_min={t}", f"--t_max={t}", f"--levels={t}"])
+    control = tmp_path / "runs" / "anywhere" / "deep"    # the folder name does not matter: the config does
+    quiet_train(cell + [f"--out_dir={control}", "--sleep_passes=1", "--layer_repeat=2", "--t_min=2", "--t_max=2",
+                        "--levels=2"])
+    unfinished = tmp_path / "runs" / "t2" / "N3_seed0"
+    quiet_train(cell + [f"--out_dir={unfinished}", "--sleep_passes=3", "--t_min=2", "--t_max=2", "--levels=2"])
     ckpt = torch.load(unfinished / "ckpt.pt", weights_only=False)
-    ckpt["config"]["max_iters"] = 4                     # as if still training: left out
+    ckpt["config"]["max_iters"] = 6                     # as if still training: left out
     torch.save(ckpt, unfinished / "ckpt.pt")
-    fig2.main([f"--root={tmp_path}", f"--out={tmp_path / 'fig2'}"])
+    record = tmp_path / "record.csv"                    # an earlier sitting's run, kept in the record
+    record.write_text("t,N,seed,steps,layer_repeat,exact,minutes,code\n2,2,1,4,1,0.5,3.0,abc1234\n")
+    fig2.main([f"--root={tmp_path / 'runs'}", f"--record={record}", "--code=def5678", "--steps=4",
+               f"--out={tmp_path / 'fig2'}"])
     table = (tmp_path / "fig2.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if re.match(r"\| \d ", line)}
-    assert set(rows) == {"1", "2"}, table               # N = 3 never finished
-    exact = torch.load(tmp_path / "t2" / "N2_seed0" / "ckpt.pt", weights_only=False)["history"][-1]["eval"]["2"][2]
-    assert f"{exact['exact']:.3f} (seed 0)" in rows["2"].split("|")[3]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert {"1", "2"} <= set(rows) and "3" not in rows, table     # N = 3 never finished
+    exact = torch.load(tmp_path / "runs" / "t2" / "N2_seed0" / "ckpt.pt",
+                       weights_only=False)["history"][-1]["eval"]["2"][2]["exact"]
+    assert rows["2"].split("|")[3].strip() == f"{(exact + 0.5) / 2:.3f} ± {abs(exact - 0.5) / 2 ** 0.5:.3f} " \
+                                               f"({exact:.3f} / 0.500)", table
+    assert "N = 1, --layer_repeat=2 | 2 |" in rows["N = 1, --layer_repeat=2"], table
+    kept = fig2.read_record(record)                     # 5 finished runs merged with the earlier one
+    assert len(kept) == 6 and {r["code"] for r in kept} == {"abc1234", "def5678"}, kept
+    fig2.main([f"--record={record}", "--steps=4", f"--out={tmp_path / 'again'}"])   # the record alone: same table
+    assert (tmp_path / "again.md").read_text() == table
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,19 +1,22 @@
 """
 The paper's Fig. 2 in miniature: exact accuracy on Rule 110 in the paper's layout (4 states of 24
 cells, each alone in a window of L = 24) with one model per rollout depth t, against t (one line per
-N, Fig. 2a) and against N at the two deepest t (Fig. 2b).
+N, Fig. 2a) and against N at the two deepest t (Fig. 2b), with the equal-compute controls beside.
 
-Each cell of the grid is one run of train.py (see docs/results.md for the command), one sweep folder
-per t: ROOT/t<T>/N<n>_seed<s>/ckpt.pt. This script reads the finished runs only, so it can be run
-while the grid is still training:
+Each run is one train.py run at one t (see docs/results.md for the commands). This script reads every
+finished run under --root (any ckpt.pt below it; t, N, seed, steps and --layer_repeat come from the
+run's own config, so the folder names do not matter and unfinished runs are left out). A grid takes
+many hours on a CPU, so it is kept, run by run, in a record (a small CSV, one row per run: the numbers,
+the minutes and the code it ran at): --record merges the finished runs into it and draws from all of it.
 
-    python scripts/fig2.py --root=out/fig2 --out=fig2        # writes fig2.md and fig2.png
+    python scripts/fig2.py --record=docs/fig2_runs.csv --out=fig2                  # redraw the record
+    python scripts/fig2.py --root=out/fig2 --record=my_runs.csv --code=abc1234 --out=fig2
 """
 
 import argparse
+import csv
 import glob
 import os
-import re
 import sys
 
 import torch
@@ -21,46 +24,97 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from train import load_checkpoint  # noqa: E402
 
+FIELDS = ["t", "N", "seed", "steps", "layer_repeat", "exact", "minutes", "code"]
+KEY = ["t", "N", "seed", "steps", "layer_repeat"]
 
-def collect(root):
-    """{(t, N): [(seed, exact, minutes)]} over the finished runs under root."""
-    cells = {}
-    for path in sorted(glob.glob(os.path.join(root, "t*", "N*_seed*", "ckpt.pt"))):
-        t, n, seed = map(int, re.search(r"t(\d+)/N(\d+)_seed(\d+)/ckpt\.pt$", path).groups())
+
+def collect(root, code=""):
+    """One row per finished Rule 110 run under root that trained and evaluated at a single t."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(root, "**", "ckpt.pt"), recursive=True)):
         ckpt = load_checkpoint(path)
-        if ckpt["step"] < ckpt["config"]["max_iters"] or not ckpt["history"]:
+        cfg, task = ckpt["config"], ckpt["task"]
+        if cfg["task"] != "rule110" or task["t_min"] != task["t_max"]:
+            continue                                    # not a cell of this grid
+        if ckpt["step"] < cfg["max_iters"] or not ckpt["history"]:
             continue                                    # still training
+        t, n = task["t_max"], cfg["sleep_passes"]
         exact = ckpt["history"][-1]["eval"][str(n)][t]["exact"]
-        cells.setdefault((t, n), []).append((seed, exact, ckpt["elapsed"] / 60))
-    return cells
+        rows.append(dict(t=t, N=n, seed=cfg["seed"], steps=cfg["max_iters"], layer_repeat=cfg["layer_repeat"],
+                         exact=round(exact, 4), minutes=round(ckpt["elapsed"] / 60, 1), code=code))
+    return rows
 
 
-def stats(runs):
-    values = torch.tensor([exact for _, exact, _ in runs])
-    return values.mean().item(), (values.std().item() if len(runs) > 1 else 0.0)
+def read_record(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and set(rows[0]) != set(FIELDS):
+        raise ValueError(f"--record={path}: expected the columns {','.join(FIELDS)}, got {','.join(rows[0])}")
+    return [{k: (v if k == "code" else float(v) if k in ("exact", "minutes") else int(v)) if v != "" else None
+             for k, v in row.items()} for row in rows]
 
 
-def table(cells):
-    ts, ns = sorted({t for t, _ in cells}), sorted({n for _, n in cells})
+def merge(old, new):
+    """The record's rows with the new ones added; a run already there (same t, N, seed, steps, layer_repeat) is
+    replaced by its checkpoint's numbers, keeping the record's code if no --code was given."""
+    rows = {tuple(r[k] for k in KEY): r for r in old}
+    for r in new:
+        key = tuple(r[k] for k in KEY)
+        rows[key] = {**r, "code": r["code"] or (rows[key]["code"] if key in rows else "")}
+    return sorted(rows.values(), key=lambda r: [r[k] for k in KEY])
+
+
+def write_record(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: ("" if r[k] is None else r[k]) for k in FIELDS} for r in rows)
+    os.replace(tmp, path)
+
+
+def stats(values):
+    values = torch.tensor(values, dtype=torch.float64)
+    return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
+
+
+def split(rows, steps):
+    """The grid {(t, N): [(seed, exact)]} (runs of `steps` steps, no --layer_repeat) and the controls
+    {(label, t): [(seed, exact)]} (every other run)."""
+    grid, controls = {}, {}
+    for r in rows:
+        if r["steps"] == steps and r["layer_repeat"] == 1:
+            grid.setdefault((r["t"], r["N"]), []).append((r["seed"], r["exact"]))
+        else:
+            label = f"N = {r['N']}" + (f", {r['steps']} steps" if r["steps"] != steps else "") + \
+                    (f", --layer_repeat={r['layer_repeat']}" if r["layer_repeat"] != 1 else "")
+            controls.setdefault((label, r["t"]), []).append((r["seed"], r["exact"]))
+    return ({k: sorted(v) for k, v in grid.items()}, {k: sorted(v) for k, v in controls.items()})
+
+
+def cell(runs):
+    mean, std = stats([e for _, e in runs])
+    seeds = " / ".join(f"{e:.3f}" for _, e in runs)
+    return f"{mean:.3f} ± {std:.3f} ({seeds})" if len(runs) > 1 else f"{mean:.3f} (seed {runs[0][0]})"
+
+
+def table(rows, steps):
+    grid, controls = split(rows, steps)
+    ts, ns = sorted({t for t, _ in grid}), sorted({n for _, n in grid})
     lines = ["| N | " + " | ".join(f"t={t}" for t in ts) + " |", "|---" * (len(ts) + 1) + "|"]
     for n in ns:
-        row = []
-        for t in ts:
-            runs = sorted(cells.get((t, n), []))
-            if not runs:
-                row.append("")
-                continue
-            mean, std = stats(runs)
-            seeds = " / ".join(f"{e:.3f}" for _, e, _ in runs)
-            row.append(f"{mean:.3f} ± {std:.3f} ({seeds})" if len(runs) > 1 else f"{mean:.3f} (seed {runs[0][0]})")
-        lines.append(f"| {n} | " + " | ".join(row) + " |")
-    minutes = [m for runs in cells.values() for _, _, m in runs]
-    lines.append(f"\nExact accuracy (all 4 answers right), mean ± std over seeds (per seed in brackets); "
-                 f"{len(minutes)} runs, {min(minutes):.1f}-{max(minutes):.1f} min of training each.")
+        lines.append(f"| {n} | " + " | ".join(cell(grid[t, n]) if (t, n) in grid else "" for t in ts) + " |")
+    if controls:
+        lines += ["", "| control | t | exact |", "|---|---|---|"]
+        lines += [f"| {label} | {t} | {cell(runs)} |" for (label, t), runs in sorted(controls.items())]
+    minutes = [r["minutes"] for r in rows if r["minutes"] is not None]
+    lines.append(f"\nExact accuracy (all 4 answers right) after {steps} steps, mean ± std over seeds (per seed in "
+                 f"brackets, seeds in order); {len(rows)} runs" +
+                 (f", {min(minutes):.1f}-{max(minutes):.1f} min of training each." if minutes else "."))
     return "\n".join(lines)
 
 
-def plot(cells, path):
+def plot(rows, steps, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -68,25 +122,31 @@ def plot(cells, path):
     except ImportError:
         print("no figure: matplotlib is optional and not installed")
         return
-    ts, ns = sorted({t for t, _ in cells}), sorted({n for _, n in cells})
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    grid, controls = split(rows, steps)
+    ts, ns = sorted({t for t, _ in grid}), sorted({n for _, n in grid})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for n in ns:
-        points = [(t, *stats(cells[t, n]), len(cells[t, n])) for t in ts if (t, n) in cells]
+        points = [(t, *stats([e for _, e in grid[t, n]])) for t in ts if (t, n) in grid]
         a.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
                    capsize=3, label=f"N = {n}")
-    a.set(xlabel="rollout depth t (one model per t)", ylabel="exact accuracy", ylim=(0, 1.02), xticks=ts,
+    a.set(xlabel="rollout depth t (one model per t)", ylabel="exact accuracy", ylim=(-0.02, 1.02), xticks=ts,
           title="(a) accuracy against t")
-    a.legend()
-    deepest = [t for t in ts if sum((t, n) in cells for n in ns) >= 2][-2:]
+    a.legend(fontsize=8)
+    deepest = [t for t in ts if sum((t, n) in grid for n in ns) >= 2][-2:]
     for t in deepest:
-        points = [(n, *stats(cells[t, n])) for n in ns if (t, n) in cells]
-        b.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                   capsize=3, label=f"t = {t}")
-    b.set(xlabel="sleep passes N", ylabel="exact accuracy", ylim=(0, 1.02), xticks=ns,
+        points = [(n, *stats([e for _, e in grid[t, n]])) for n in ns if (t, n) in grid]
+        line = b.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                          capsize=3, label=f"t = {t}")
+        for i, ((label, ct), runs) in enumerate(sorted(controls.items())):
+            if ct == t:   # the controls, beside the N they spend as much compute as
+                b.errorbar([1 + 0.12 * (i + 1)], [stats([e for _, e in runs])[0]], yerr=[stats([e for _, e in runs])[1]],
+                           marker="sD^v"[i % 4], color=line[0].get_color(), capsize=3, linestyle="none",
+                           mfc="none", label=f"{label}, t = {t}")
+    b.set(xlabel="sleep passes N", ylabel="exact accuracy", ylim=(-0.02, 1.02), xticks=ns,
           title="(b) accuracy against N at the deepest t")
-    b.legend()
-    fig.suptitle("Rule 110, paper layout (4 x 24 cells, L = 24), AG d = 64, 3000 steps of 64; mean ± std over seeds",
-                 fontsize=9)
+    b.legend(fontsize=7)
+    fig.suptitle(f"Rule 110, paper layout (4 x 24 cells, L = 24), AG d = 64, {steps} steps of 64; "
+                 "mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -95,17 +155,26 @@ def plot(cells, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--root", default="out/fig2", help="the folder holding t<T>/N<n>_seed<s>/ckpt.pt")
+    parser.add_argument("--root", default="", help="a folder with finished runs below it (any */ckpt.pt)")
+    parser.add_argument("--record", default="", help="a CSV of runs: finished runs under --root are merged into "
+                                                     "it, and the table and figure drawn from all of it")
+    parser.add_argument("--code", default="", help="the commit the runs under --root trained at, for the record")
+    parser.add_argument("--steps", type=int, default=3000, help="the grid's steps per run; other runs are controls")
     parser.add_argument("--out", default="fig2", help="writes OUT.md (the table) and OUT.png (the figure)")
     args = parser.parse_args(argv)
-    cells = collect(args.root)
-    if not cells:
-        sys.exit(f"error: no finished run under {args.root}/t<T>/N<n>_seed<s>/ckpt.pt")
-    text = table(cells)
+    if not args.root and not args.record:
+        parser.error("give --root (finished runs), --record (a CSV of runs) or both")
+    rows = collect(args.root, args.code) if args.root else []
+    if args.record:
+        rows = merge(read_record(args.record) if os.path.exists(args.record) else [], rows)
+        write_record(args.record, rows)
+    if not rows:
+        sys.exit(f"error: no finished run under --root={args.root} and none in --record={args.record}")
+    text = table(rows, args.steps)
     print(text)
     with open(args.out + ".md", "w") as f:
         f.write(text + "\n")
-    plot(cells, args.out + ".png")
+    plot(rows, args.steps, args.out + ".png")
 
 
 if __name__ == "__main__":
