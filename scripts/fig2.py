@@ -125,10 +125,13 @@ def plot(rows, steps, path):
     grid, controls = split(rows, steps)
     ts, ns = sorted({t for t, _ in grid}), sorted({n for _, n in grid})
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for n in ns:
-        points = [(t, *stats([e for _, e in grid[t, n]])) for t in ts if (t, n) in grid]
+    for n in ns:   # each N a little apart, so that equal points do not hide each other
+        points = [(t + 0.05 * (n - (ns[0] + ns[-1]) / 2), *stats([e for _, e in grid[t, n]])) for t in ts
+                  if (t, n) in grid]
         a.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
                    capsize=3, label=f"N = {n}")
+    for ax in (a, b):
+        ax.axhline(1 / 16, color="gray", linestyle=":", linewidth=1, label="4 coin flips (1/16)" if ax is a else None)
     a.set(xlabel="rollout depth t (one model per t)", ylabel="exact accuracy", ylim=(-0.02, 1.02), xticks=ts,
           title="(a) accuracy against t")
     a.legend(fontsize=8)
