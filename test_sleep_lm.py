@@ -2150,6 +2150,15 @@ def test_fig2_tables_every_finished_run_by_t_and_n_and_keeps_a_record_across_sit
     assert (tmp_path / "again.md").read_text() == table
 
 
+def test_the_fig2_tables_in_the_docs_are_the_record_as_scripts_fig2_draws_it():
+    sys.path.insert(0, str(HERE / "scripts"))
+    import fig2
+    drawn = fig2.table(fig2.read_record(HERE / "docs" / "fig2_runs.csv"), 3000)
+    docs = (HERE / "docs" / "results.md").read_text()
+    rows = [line for line in drawn.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 6 and [line for line in rows if line not in docs] == [], drawn
+
+
 # ----------------------------------------------------------------------------------------------------
 # README.md and docs/: every command and code block runs as written
 

@@ -125,11 +125,20 @@ def plot(rows, steps, path):
     grid, controls = split(rows, steps)
     ts, ns = sorted({t for t, _ in grid}), sorted({n for _, n in grid})
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+
+    def draw(ax, xs, runs, **style):
+        """The mean as a line through xs, each seed as a small dot: seeds that learned a t and seeds that did
+        not sit far apart here, and a mean ± std bar would hide that."""
+        means = [stats([e for _, e in r])[0] for r in runs]
+        line = ax.plot(xs, means, **style)[0]
+        for x, r in zip(xs, runs):
+            ax.plot([x] * len(r), [e for _, e in r], ".", color=line.get_color(), alpha=0.5, markersize=5)
+        return line.get_color()
+
     for n in ns:   # each N a little apart, so that equal points do not hide each other
-        points = [(t + 0.05 * (n - (ns[0] + ns[-1]) / 2), *stats([e for _, e in grid[t, n]])) for t in ts
-                  if (t, n) in grid]
-        a.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                   capsize=3, label=f"N = {n}")
+        cells = [t for t in ts if (t, n) in grid]
+        draw(a, [t + 0.05 * (n - (ns[0] + ns[-1]) / 2) for t in cells], [grid[t, n] for t in cells], marker="o",
+             label=f"N = {n}")
     for ax in (a, b):
         ax.axhline(1 / 16, color="gray", linestyle=":", linewidth=1, label="4 coin flips (1/16)" if ax is a else None)
     a.set(xlabel="rollout depth t (one model per t)", ylabel="exact accuracy", ylim=(-0.02, 1.02), xticks=ts,
@@ -137,19 +146,17 @@ def plot(rows, steps, path):
     a.legend(fontsize=8)
     deepest = [t for t in ts if sum((t, n) in grid for n in ns) >= 2][-2:]
     for t in deepest:
-        points = [(n, *stats([e for _, e in grid[t, n]])) for n in ns if (t, n) in grid]
-        line = b.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                          capsize=3, label=f"t = {t}")
+        cells = [n for n in ns if (t, n) in grid]
+        color = draw(b, cells, [grid[t, n] for n in cells], marker="o", label=f"t = {t}")
         for i, ((label, ct), runs) in enumerate(sorted(controls.items())):
             if ct == t:   # the controls, beside the N they spend as much compute as
-                b.errorbar([1 + 0.12 * (i + 1)], [stats([e for _, e in runs])[0]], yerr=[stats([e for _, e in runs])[1]],
-                           marker="sD^v"[i % 4], color=line[0].get_color(), capsize=3, linestyle="none",
-                           mfc="none", label=f"{label}, t = {t}")
+                draw(b, [1 + 0.15 * (i + 1)], [runs], marker="sD^v"[i % 4], color=color, linestyle="none",
+                     mfc="none", label=f"{label}, t = {t}")
     b.set(xlabel="sleep passes N", ylabel="exact accuracy", ylim=(-0.02, 1.02), xticks=ns,
           title="(b) accuracy against N at the deepest t")
     b.legend(fontsize=7)
     fig.suptitle(f"Rule 110, paper layout (4 x 24 cells, L = 24), AG d = 64, {steps} steps of 64; "
-                 "mean ± std over seeds", fontsize=9)
+                 "lines: mean over seeds, dots: each seed", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
