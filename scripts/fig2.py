@@ -149,7 +149,7 @@ def plot(rows, steps, path):
         cells = [n for n in ns if (t, n) in grid]
         color = draw(b, cells, [grid[t, n] for n in cells], marker="o", label=f"t = {t}")
         for i, ((label, ct), runs) in enumerate(sorted(controls.items())):
-            if ct == t:   # the controls, beside the N they spend as much compute as
+            if ct == t:   # the controls are N = 1 models: drawn just right of N = 1
                 draw(b, [1 + 0.15 * (i + 1)], [runs], marker="sD^v"[i % 4], color=color, linestyle="none",
                      mfc="none", label=f"{label}, t = {t}")
     b.set(xlabel="sleep passes N", ylabel="exact accuracy", ylim=(-0.02, 1.02), xticks=ns,
@@ -177,9 +177,10 @@ def main(argv=None):
     rows = collect(args.root, args.code) if args.root else []
     if args.record:
         rows = merge(read_record(args.record) if os.path.exists(args.record) else [], rows)
-        write_record(args.record, rows)
     if not rows:
         sys.exit(f"error: no finished run under --root={args.root} and none in --record={args.record}")
+    if args.record:
+        write_record(args.record, rows)
     text = table(rows, args.steps)
     print(text)
     with open(args.out + ".md", "w") as f:
