@@ -163,16 +163,6 @@ def l2_normalize(x, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
 def rotate(x, pos, inv_freq):
     """Rotary position embedding at absolute positions pos. x: (B, T, H, D), pos: (T,)."""
     angles = pos[:, None].to(inv_freq.dtype) * inv_freq[None, :]          # (T, D/2)
@@ -242,7 +232,7 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.empty(config.n_head))
         self.dt_bias = nn.Parameter(torch.empty(config.n_head))
         self.g_proj = nn.Linear(config.n_embd, inner, bias=False)            # output gate
-        self.o_norm = RMSNorm(self.head_dim)
+        self.o_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(inner, config.n_embd, bias=False)
 
     def empty_context(self, batch_size, device, dtype):
@@ -290,9 +280,9 @@ class Block(nn.Module):
     def __init__(self, config, kind):
         super().__init__()
         self.kind = kind
-        self.norm1 = RMSNorm(config.n_embd)
+        self.norm1 = nn.RMSNorm(config.n_embd, eps=1e-6)
         self.mixer = Attention(config) if kind == "A" else GatedDeltaNet(config)
-        self.norm2 = RMSNorm(config.n_embd)
+        self.norm2 = nn.RMSNorm(config.n_embd, eps=1e-6)
         self.mlp = MLP(config)
 
     def forward(self, x, pos, context, S, span):
@@ -322,9 +312,8 @@ class SleepLMConfig:
     bptt_passes: int | None = None     # truncated backprop: only the last K passes of a consolidation window are
                                        # recorded; the earlier ones are the identity in backward (process_window)
     checkpoint_windows: bool = False   # recompute each window's passes in backward (activation checkpointing)
-    input_injection: bool = False      # add the looped blocks' pass-1 input (the embeddings, by default) to the
-                                       # features before every sleep pass (a deviation from Algorithm 1, as in
-                                       # looped / recurrent-depth models)
+    input_injection: bool = False      # add the looped blocks' pass-1 input (by default the embeddings) before every
+                                       # sleep pass, as looped / recurrent-depth models do (not in Algorithm 1)
     sleep_blocks: tuple | None = None  # (start, stop): sleep passes run blocks start..stop-1 only, the paper's
                                        # choice for Jet-Nemotron (its middle 14 of 28); None: every block
 
@@ -339,41 +328,26 @@ class SleepLM(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, kind) for kind in config.layers)
-        self.norm_f = RMSNorm(config.n_embd)
+        self.norm_f = nn.RMSNorm(config.n_embd, eps=1e-6)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
-        """Initialise every parameter (C = n_embd, K = conv_size, fan_in of the matrix):
-
-        | parameter                           | init                                         |
-        |-------------------------------------|----------------------------------------------|
-        | wte                                 | normal, std 1                                |
-        | qkv, mlp.fc, g_proj, a_proj, b_proj | uniform, std 1 / sqrt(fan_in)                |
-        | every output projection (proj)      | zeros: each block starts as the identity     |
-        | lm_head                             | normal, std 0.001                            |
-        | conv_weight                         | uniform, std 1 / sqrt(K)                     |
-        | A_log                               | log U(1, 16): decay rates, as in GDN / Mamba2 |
-        | dt_bias                             | softplus^-1 of dt, log-uniform in [1e-3, 0.1] |
-        | RMSNorm weights                     | ones                                         |
-        """
+        """Initialise every parameter. uniform(-sqrt(3 / n), sqrt(3 / n)) has std 1 / sqrt(n)."""
         nn.init.normal_(self.wte.weight, std=1.0)
-        nn.init.normal_(self.lm_head.weight, std=0.001)
+        nn.init.normal_(self.lm_head.weight, std=0.001)             # near-zero logits at the start
         for name, p in self.blocks.named_parameters():
-            if name.endswith("proj.weight") and not name.endswith(("g_proj.weight", "a_proj.weight", "b_proj.weight")):
-                nn.init.zeros_(p)
-            elif name.endswith("conv_weight"):
-                bound = math.sqrt(3 / p.shape[-1])
-                nn.init.uniform_(p, -bound, bound)
-            elif name.endswith("A_log"):
+            if name.endswith(".proj.weight"):       # every output projection: zeros, so each block
+                nn.init.zeros_(p)                   # starts as the identity
+            elif name.endswith("A_log"):            # decay rates log U(1, 16), as in GDN / Mamba2
                 p.copy_(torch.empty_like(p).uniform_(1, 16).log())
-            elif name.endswith("dt_bias"):
+            elif name.endswith("dt_bias"):          # softplus^-1 of dt, dt log-uniform in [1e-3, 0.1]
                 dt = torch.empty_like(p).uniform_(math.log(1e-3), math.log(0.1)).exp()
                 p.copy_(dt + torch.log(-torch.expm1(-dt)))
-            elif name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("o_norm.weight"):
+            elif "norm" in name:                    # RMSNorm weights
                 nn.init.ones_(p)
-            else:
+            else:                                   # qkv, mlp.fc, g/a/b_proj (n = fan_in), conv_weight (n = K)
                 bound = math.sqrt(3 / p.shape[-1])
                 nn.init.uniform_(p, -bound, bound)
 
@@ -461,16 +435,15 @@ class SleepLM(nn.Module):
     def evict(self, extended, window, eviction):
         """What survives a window boundary: under hard eviction nothing but S (handled by the caller);
         under sliding eviction the newest window - 1 attention entries and the conv windows."""
+        if eviction == "none":
+            return list(extended)
         kept = []
         for block, ext in zip(self.blocks, extended):
-            if eviction == "none":
-                kept.append(ext)
-            elif block.kind == "G":
+            if block.kind == "G":
                 kept.append(ext if eviction == "sliding" else torch.zeros_like(ext))
             else:
-                keep = window - 1 if eviction == "sliding" else 0
                 k, v, pos = ext
-                start = max(k.shape[2] - keep, 0)
+                start = max(k.shape[2] - (window - 1 if eviction == "sliding" else 0), 0)
                 kept.append((k[:, :, start:], v[:, :, start:], pos[start:]))
         return kept
 
@@ -482,10 +455,8 @@ class SleepLM(nn.Module):
         """One window of algorithm1: embed once, then `passes` passes. Pass 1 (wake) runs every block;
         passes 2..N the looped blocks (config.sleep_blocks, all by default) on their previous output.
         Truncated backprop: the first `untracked` passes (a Python int) run without gradient and are
-        reconnected straight-through, h = embeddings + (h_untracked - embeddings).detach() and per GDN
-        block S = S_in + (S_untracked - S_in).detach(): their values, the identity in backward.
-        Returns the wake logits, the final S and the extended context (of the last pass for looped
-        blocks, of pass 1 for the others)."""
+        reconnected straight-through (their values, the identity in backward). Returns the wake logits,
+        the final S and the extended context (of the last pass for looped blocks, of pass 1 for the others)."""
         embeddings = self.wte(idx)
         S_in = S
         with torch.no_grad() if untracked else contextlib.nullcontext():
@@ -551,12 +522,10 @@ class SleepLM(nn.Module):
                 predicted_logits.append(logits)
                 predicted_targets.append(targets[:, start:start + L])
         logits = torch.cat(all_logits, dim=1)
-        loss = None
-        if targets is not None:
-            pl = torch.cat(predicted_logits, dim=1)
-            loss = F.cross_entropy(pl.reshape(-1, pl.shape[-1]), torch.cat(predicted_targets, dim=1).reshape(-1),
-                                   ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        pl, pt = torch.cat(predicted_logits, dim=1), torch.cat(predicted_targets, dim=1)
+        return logits, F.cross_entropy(pl.flatten(0, 1), pt.flatten(), ignore_index=-1)
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -598,8 +567,7 @@ class SleepCache:
     S               per GDN block, the fast weights: zero at reset, the only memory under hard eviction
     context         per block, what the next token may see: attention KV, conv windows
     window_context  the context as it was when the current window began (the sleep passes start from it)
-    features        the wake pass's output features of the looped blocks (the output of the whole stack when
-                    every block sleeps) for the current window's tokens (B, <= L, C)
+    features        the looped blocks' wake-pass output for the current window's tokens (B, <= L, C)
     loop_inputs     the looped blocks' wake-pass input (the token embeddings by default), for input injection
 
     wake(idx)   one pass over new tokens of the current window; returns their logits
