@@ -149,7 +149,7 @@ def help_text():
 # The run: model, untrained twin, task, examples.
 
 
-def load_run(out_dir, device="cpu"):
+def load_trained_and_untrained(out_dir, device="cpu"):
     """(trained model, untrained model, task, the run's TrainConfig) from out_dir/ckpt.pt."""
     ckpt = read_checkpoint(out_dir)
     cfg = train.saved_config(ckpt)
@@ -498,7 +498,7 @@ def probe_run(out_dir, cfg, log=print):
     """Probe one run: the trained model, its untrained twin, shuffled targets. Returns a summary dict."""
     started = time.time()
     device = train.pick_device(cfg.device)
-    model, untrained, task, run_cfg = load_run(out_dir, device)
+    model, untrained, task, run_cfg = load_trained_and_untrained(out_dir, device)
     blocks = gdn_blocks(model, cfg.block)
     idx, targets = held_out_examples(task, cfg.examples)
     g = torch.Generator().manual_seed(cfg.seed)

@@ -7,9 +7,10 @@ compute".
 
 The idea. Attention remembers by keeping a KV cache; a Gated DeltaNet (GDN) layer keeps a fixed-size
 matrix state S per head (the "fast weights") and writes every token into it. Once a window of L
-tokens is full, the model *sleeps*: with no new input it runs N passes of its block stack over that
-window, each pass starting from the previous pass's features and the S the previous pass left, so the
-window is written into S deeper each time. Then the KV cache and the features are dropped and only S
+tokens is full, the model *sleeps*: with no new input it runs its block stack over that window again,
+N passes in all (pass 1 is the ordinary wake pass that read the tokens; sleep adds passes 2..N), each
+pass starting from the previous pass's features and the S it left, so the window is written into S
+deeper each time. Then the KV cache and the features are dropped and only S
 is kept. Prediction ("wake") is one ordinary forward pass, so wake-time cost does not change.
 
 Read in this order:
@@ -23,8 +24,9 @@ numbers, compiled), each marked.
 
 Shape letters:
   B batch, T time (tokens), C channels (n_embd), V vocabulary, H heads,
-  Dk / Dv key / value head dims, L window (tokens per window), N sleep passes (N = 1: no sleep),
-  Lc chunk length of the chunkwise local rule (a speed device inside one call, not a window).
+  Dk / Dv key / value head dims, L window (tokens per window), N passes per window (N = 1: no sleep),
+  Lc chunk length of the chunkwise local rule (a speed device inside one call, not a window),
+  K the GDN's short conv kernel (conv_size).
 
 Eviction (what crosses a window boundary): "hard" only S (Algorithm 1); "sliding" S and the newest
 L - 1 tokens of context; "none" no windows, no sleep: one pass of full attention (an upper bound).
@@ -105,7 +107,7 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
     A chunk is a block of Lc tokens of the local rule, a speed device inside one call; not the sleep
     window. Inside a chunk with cumulative log decay c_i = sum_{j<=i} log_decay_j, unrolling the recurrence
     from the chunk's initial state S0 gives S_i = e^{c_i} S0 + sum_{j<=i} e^{c_i - c_j} k_j u_j^T,
-    where the "new values" u_j = beta_j (v_j - S_{j-1}'^T k_j) solve the unit lower-triangular system
+    where the "new values" u_j = beta_j (v_j - (e^{log_decay_j} S_{j-1})^T k_j) solve the unit lower-triangular system
         (I + diag(beta) A) u = diag(beta) V - diag(beta e^c) K S0,   A_ij = e^{c_i - c_j} k_i.k_j (j < i).
     So u = U - W S0 with [U, W] = (I + diag(beta) A)^{-1} [diag(beta) V, diag(beta e^c) K], one batched
     triangular solve for all chunks at once. Only the cheap state hand-off runs chunk after chunk.
@@ -322,6 +324,7 @@ class SleepLMConfig:
 
 
 class SleepLM(nn.Module):
+    """Embedding, the blocks of config.layers, final norm and head; algorithm1 / forward run the windows."""
 
     def __init__(self, config):
         super().__init__()
@@ -334,7 +337,7 @@ class SleepLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Initialise every parameter. uniform(-sqrt(3 / n), sqrt(3 / n)) has std 1 / sqrt(n)."""
+        """Initialise the parameters (norm_f keeps RMSNorm's ones); uniform(+-sqrt(3 / n)) has std 1 / sqrt(n)."""
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)             # near-zero logits at the start
         for name, p in self.blocks.named_parameters():
@@ -358,7 +361,9 @@ class SleepLM(nn.Module):
 
         idx, targets: (B, T), targets -1 wherever there is nothing to predict. Returns (logits, loss) equal
         to forward's with the default options (test_algorithm1_is_forward_with_the_default_options); forward
-        runs the same loop with its options on top (process_window, run_windows). Read this one first.
+        runs the same loop with its options on top (process_window, run_windows). Read this one first;
+        it uses three small helpers defined below it: empty_state (S = 0), block_pass (one pass of the
+        blocks) and head (logits).
         """
         N, L = self.config.sleep_passes, self.config.window
         context, S = self.empty_state(idx.shape[0], idx.device)   # S = 0; nothing before the first window
@@ -573,7 +578,8 @@ class SleepCache:
     wake(idx)   one pass over new tokens of the current window; returns their logits
     sleep()     the remaining N - 1 passes of the looped blocks over the window (pass 1 was the wake pass)
     evict()     drop the window's KV and features; keep S (and, sliding, the newest L - 1 tokens)
-    Memory is bounded by the window. CompiledSleepCache (end of file): the same, one-token step compiled.
+    Memory is bounded by the window (unless eviction is "none"). CompiledSleepCache (end of file): the same,
+    one-token step compiled.
     """
 
     def __init__(self, model, batch_size, *, sleep_passes=None, window=None, eviction=None):
@@ -730,9 +736,9 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the torch.compile mod
 
 
 class CompiledSleepCache(SleepCache):
-    """SleepCache with its one-token wake step under torch.compile ("reduce-overhead": a CUDA graph replay per
-    token). Every attention context is kept at exactly L - 1 entries, padded with entries no query can see, so
-    all one-token steps share one graph; the same logits (test_compiled_one_token_wake_has_static_shapes_...).
+    """SleepCache with its one-token wake step under torch.compile (compile_mode="reduce-overhead": a CUDA graph
+    replay per token). Every attention context is kept at exactly L - 1 entries, padded with entries no query can
+    see, so all one-token steps share one graph; the same logits (test_compiled_one_token_wake_has_static_shapes_...).
     Under eviction "none" (no window to fix the shapes to) it is the eager cache."""
 
     def __init__(self, model, batch_size, *, compile_mode="default", **kwargs):

@@ -2224,3 +2224,13 @@ def test_every_command_and_code_block_in_the_docs_runs_as_written_after_the_quic
     assert "python train.py --task=rule110 --sweep=1,4" in ran and any("load_run" in c for c in ran), ran
     assert len(ran) >= 15 and "Traceback" not in out
     assert all(NOT_RUN_HERE.search(c) for c in skipped)
+
+
+def test_the_readme_task_examples_are_what_data_py_prints(capsys):
+    """The example blocks under the README's "The tasks" are `python data.py TASK`'s own output, verbatim."""
+    section = (HERE / "README.md").read_text().split("\n## The tasks\n")[1].split("\n## ")[0]
+    blocks = re.findall(r"```text\n(difficulty .*?)```", section, re.S)
+    assert len(blocks) == 3, blocks
+    for name, block in zip(("rule110", "depo", "math"), blocks):
+        data.main([name])
+        assert block in capsys.readouterr().out, f"README's {name} example is not what data.py {name} prints"

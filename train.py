@@ -4,7 +4,7 @@ Train and evaluate the sleeping hybrid on Rule 110, Depo or math.
     python train.py --task=rule110                      # cpu preset: a laptop CPU, minutes
     python train.py --task=depo --preset=paper          # paper scale: one GPU
     python train.py --task=rule110 --sweep=1,4 --seeds=0,1,2   # one model per N (and seed), a results table
-    python train.py --task=rule110 --eval_only --eval_sleep_passes=1,2,4,8   # evaluate that run's ckpt.pt
+    python train.py --task=rule110 --eval_only --eval_sleep_passes=1,2,4,8   # evaluate the first line's run
     torchrun --standalone --nproc_per_node=2 train.py --task=depo --preset=paper   # several GPUs (DDP)
     python train.py --help                              # every setting, its default and meaning
 
@@ -56,6 +56,8 @@ from data import make_task
 from sleep_lm import CUDA_GRAPH_MODES, SleepLM, SleepLMConfig
 
 
+# The defaults. A preset (PRESETS, below) overrides some of them, --key=value overrides both; `--help`
+# and the settings printed at start show the values in effect.
 @dataclass
 class TrainConfig:
     task: str = "rule110"            # rule110, depo or math
@@ -71,11 +73,11 @@ class TrainConfig:
     eviction: str = "hard"           # what crosses a window: hard (S), sliding (S + last L-1 tokens), none (no windows)
     bptt_passes: int = 0             # 0 = full backprop; K = through the last K passes (straight through the others)
     checkpoint_windows: bool = False  # recompute each window's passes in backward: less memory, more time
-    input_injection: bool = False    # add the embeddings before every sleep pass (not in Algorithm 1)
+    input_injection: bool = False    # add the looped blocks' wake input (the embeddings) before every sleep pass
     # training levers (see docs/making-sleep-pay-off.md)
     train_sleep_passes: str = ""     # comma list: N drawn per step from it (seeded); saved and evaluated at the largest
     curriculum_iters: int = 0        # raise the hardest training level from the easiest to the hardest over these steps
-    ssm_warmup_iters: int = 0        # the first K steps train only the G blocks, under hard eviction (paper sec. 6.4)
+    ssm_warmup_iters: int = 0        # for this many first steps train only the G blocks, under hard eviction (sec. 6.4)
     init_from: str = ""              # a run folder: start from the weights of its ckpt.pt (not its optimiser or step)
     # optimisation
     optimizer: str = "muon"          # muon (hidden matrices) + adamw (the rest), or adamw for everything
@@ -96,14 +98,14 @@ class TrainConfig:
     eval_only: bool = False          # evaluate the run's checkpoint, do not train
     log_interval: int = 50           # print a log line every this many steps
     # runs
-    out_dir: str = ""                # "" = out/<task>-<preset>/<run name> (see the top of this file)
+    out_dir: str = ""                # "" = out/<task>-<preset>/N<n>_seed<s><settings that differ from the preset>
     resume: bool = False             # continue the run in out_dir with the checkpoint's settings
     sweep: str = ""                  # comma list of N: one model per N (and seed), then a results table
     seeds: str = ""                  # comma list of seeds for --sweep; "" = just --seed
     parallel: int = 0                # --sweep: runs trained at once, one process each; 0 = one per CPU core (GPU: 1)
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda or mps
     threads: int = 0                 # CPU threads per training process; 0 = 1 (more stall when other work holds a core)
-    compile: bool = False            # torch.compile the model for training (its window loop is one graph)
+    compile: bool = False            # torch.compile one window's passes for training (a graph per kind of window)
     compile_mode: str = "default"    # default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs
     num_workers: int = -1            # processes making batches ahead; 0 = in the loop; -1 = 4 on CUDA, else 0
 
@@ -149,7 +151,7 @@ def configure_optimizers(model, learning_rate, adamw_lr, weight_decay=0.0, betas
     """Muon for the 2-D hidden matrices (the paper's optimiser); AdamW for the embedding, the head,
     norm gains, the GDN gates (a_proj, b_proj, A_log, dt_bias) and conv weights. Weight decay applies
     to matrices only. optimizer="adamw": AdamW at learning_rate for the matrices too. Returns a list
-    of optimizers (stepped together)."""
+    of optimizers (stepped together); each param group keeps its peak_lr for the schedule to scale."""
     if optimizer not in ("muon", "adamw"):
         raise ValueError(f"--optimizer must be one of muon, adamw, got {optimizer!r}")
     matrices, others = [], []
@@ -159,9 +161,14 @@ def configure_optimizers(model, learning_rate, adamw_lr, weight_decay=0.0, betas
     adamw_groups = [{"params": others, "lr": adamw_lr, "weight_decay": 0.0}]
     if optimizer == "adamw":
         adamw_groups.append({"params": matrices, "lr": learning_rate, "weight_decay": weight_decay})
-        return [torch.optim.AdamW(adamw_groups, betas=betas)]
-    muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    return [muon, torch.optim.AdamW(adamw_groups, betas=betas)]
+        optimizers = [torch.optim.AdamW(adamw_groups, betas=betas)]
+    else:
+        muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        optimizers = [muon, torch.optim.AdamW(adamw_groups, betas=betas)]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["peak_lr"] = group["lr"]
+    return optimizers
 
 
 def lr_multiplier(step, cfg):
@@ -305,7 +312,7 @@ def train(cfg, task_overrides, log=print, later_steps=None):
         log = lambda *a: None            # noqa: E731 (only rank 0 logs, evaluates and checkpoints)
     if device == "cpu":
         torch.set_flush_denormal(True)   # exp-decay products go denormal; they made a step ~20x slower
-        torch.set_num_threads(cfg.threads or 1)   # torch's one per core: 13x slower steps when the cores are busy
+        torch.set_num_threads(cfg.threads or 1)   # torch's one per core: 10-100x slower on busy cores
         keep_freed_memory()              # a fast path: same numbers, ~10% less CPU time per step
     run = start_or_resume(cfg, task_overrides, device, log)   # model, task, optimizers, step, ... (or a checkpoint's)
     task, model, optimizers = run["task"], run["model"], run["optimizers"]
@@ -415,7 +422,9 @@ def main(argv):
 
 # =============================================================================
 # Plumbing: the command line, run names, checkpoints and resume rules, help, Ctrl-C, several GPUs and
-# compile, sweeps and side-by-side runs, plots. A first reading can stop here.
+# compile, sweeps and side-by-side runs, plots. A first reading can stop here. What the code above calls
+# from here does what its name says; the one that does most is start_or_resume (the task, the model and
+# its optimisers, fresh or from a checkpoint).
 
 
 RUN_CONTROL = ("out_dir", "resume", "eval_only", "sweep", "seeds", "parallel", "device", "threads", "compile",
@@ -660,9 +669,6 @@ def start_or_resume(cfg, task_overrides, device, log):
         load_weights(model, cfg.init_from)
     model = model.to(device)
     optimizers = configure_optimizers(model, cfg.learning_rate, cfg.adamw_lr, cfg.weight_decay, optimizer=cfg.optimizer)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["peak_lr"] = group["lr"]
     run = dict(path=path, task=task, model=model, optimizers=optimizers, step=0, history=[], losses=[], elapsed=0.0)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
