@@ -2148,6 +2148,10 @@ def test_fig2_tables_every_finished_run_by_t_and_n_and_keeps_a_record_across_sit
     assert len(kept) == 6 and {r["code"] for r in kept} == {"abc1234", "def5678"}, kept
     fig2.main([f"--record={record}", "--steps=4", f"--out={tmp_path / 'again'}"])   # the record alone: same table
     assert (tmp_path / "again.md").read_text() == table
+    # panel (b): the two deepest t that every N has run; a deeper t that only some N have run does not count
+    grid = {(t, n): [(0, 0.5)] for t in (1, 2, 3, 4) for n in (1, 2, 4) if not (t == 4 and n == 2)}
+    assert fig2.panel_b_depths(grid) == [2, 3] and fig2.panel_b_depths(grid, [4, 1]) == [1, 4]
+    assert fig2.panel_b_depths({(1, 1): [(0, 1.0)], (2, 1): [(0, 1.0)], (2, 4): [(0, 1.0)]}) == [2]
 
 
 def test_the_fig2_tables_in_the_docs_are_the_record_as_scripts_fig2_draws_it():

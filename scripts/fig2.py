@@ -1,7 +1,8 @@
 """
 The paper's Fig. 2 in miniature: exact accuracy on Rule 110 in the paper's layout (4 states of 24
 cells, each alone in a window of L = 24) with one model per rollout depth t, against t (one line per
-N, Fig. 2a) and against N at the two deepest t (Fig. 2b), with the equal-compute controls beside.
+N, Fig. 2a) and against N at the two deepest t that every N has run (Fig. 2b; or --panel_b=T,T), with
+the equal-compute controls beside.
 
 Each run is one train.py run at one t (see docs/results.md for the commands). This script reads every
 finished run under --root (any ckpt.pt below it; t, N, seed, steps and --layer_repeat come from the
@@ -114,7 +115,17 @@ def table(rows, steps):
     return "\n".join(lines)
 
 
-def plot(rows, steps, path):
+def panel_b_depths(grid, chosen=()):
+    """The t of panel (b): `chosen`, else the two deepest t at which every N of the grid has a run (else at
+    which two N have one), so that a t where only some N were run does not stand for all of them."""
+    if chosen:
+        return sorted(chosen)
+    ts, ns = sorted({t for t, _ in grid}), sorted({n for _, n in grid})
+    every = [t for t in ts if all((t, n) in grid for n in ns)]
+    return (every if len(every) >= 2 else [t for t in ts if sum((t, n) in grid for n in ns) >= 2])[-2:]
+
+
+def plot(rows, steps, path, chosen=()):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -144,8 +155,7 @@ def plot(rows, steps, path):
     a.set(xlabel="rollout depth t (one model per t)", ylabel="exact accuracy", ylim=(-0.02, 1.02), xticks=ts,
           title="(a) accuracy against t")
     a.legend(fontsize=8)
-    deepest = [t for t in ts if sum((t, n) in grid for n in ns) >= 2][-2:]
-    for t in deepest:
+    for t in panel_b_depths(grid, chosen):
         cells = [n for n in ns if (t, n) in grid]
         color = draw(b, cells, [grid[t, n] for n in cells], marker="o", label=f"t = {t}")
         for i, ((label, ct), runs) in enumerate(sorted(controls.items())):
@@ -153,7 +163,7 @@ def plot(rows, steps, path):
                 draw(b, [1 + 0.15 * (i + 1)], [runs], marker="sD^v"[i % 4], color=color, linestyle="none",
                      mfc="none", label=f"{label}, t = {t}")
     b.set(xlabel="sleep passes N", ylabel="exact accuracy", ylim=(-0.02, 1.02), xticks=ns,
-          title="(b) accuracy against N at the deepest t")
+          title="(b) accuracy against N at two deep t")
     b.legend(fontsize=7)
     fig.suptitle(f"Rule 110, paper layout (4 x 24 cells, L = 24), AG d = 64, {steps} steps of 64; "
                  "lines: mean over seeds, dots: each seed", fontsize=9)
@@ -171,6 +181,8 @@ def main(argv=None):
     parser.add_argument("--code", default="", help="the commit the runs under --root trained at, for the record")
     parser.add_argument("--steps", type=int, default=3000, help="the grid's steps per run; other runs are controls")
     parser.add_argument("--out", default="fig2", help="writes OUT.md (the table) and OUT.png (the figure)")
+    parser.add_argument("--panel_b", default="", help="comma list of t for panel (b); default: the two deepest t "
+                                                      "that every N has run")
     args = parser.parse_args(argv)
     if not args.root and not args.record:
         parser.error("give --root (finished runs), --record (a CSV of runs) or both")
@@ -185,7 +197,7 @@ def main(argv=None):
     print(text)
     with open(args.out + ".md", "w") as f:
         f.write(text + "\n")
-    plot(rows, args.steps, args.out + ".png")
+    plot(rows, args.steps, args.out + ".png", [int(t) for t in args.panel_b.split(",") if t])
 
 
 if __name__ == "__main__":
