@@ -701,8 +701,7 @@ def check_rule_inputs(q, k, v, log_decay, beta, state, chunk_size):
                            ("state", state, (B, H, Dk, Dv))):
         if (x is not None or name != "state") and tuple(x.shape) != shape:
             raise ValueError(f"{name} must be {shape}, got {tuple(x.shape)}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None (per-token recurrence) or an int >= 1, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size, 1, allow_none=True)   # None: the per-token recurrence
 
 
 def check_tokens(name, x, vocab_size, like=None):
