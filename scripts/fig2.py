@@ -65,12 +65,13 @@ def merge(old, new):
     return sorted(rows.values(), key=lambda r: [r[k] for k in KEY])
 
 
-def write_record(path, rows):
+def write_record(path, rows, fields=FIELDS):
+    """The rows as a CSV, atomically (temp file + rename)."""
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS, lineterminator="\n")
+        writer = csv.DictWriter(f, fields, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: ("" if r[k] is None else r[k]) for k in FIELDS} for r in rows)
+        writer.writerows({k: ("" if r[k] is None else r[k]) for k in fields} for r in rows)
     os.replace(tmp, path)
 
 

@@ -1,0 +1,153 @@
+"""
+The paper's Fig. 2b in miniature: learning curves, exact accuracy on Rule 110 against training steps at the
+deepest rollouts, one line per N (each seed thin, the mean over seeds thick), one panel per t, and a table of
+when each run first reached 0.5 and 0.9 exact and where it ended.
+
+Each run is one train.py run at one t evaluated every --eval_interval steps on the same fixed evaluation set
+(see docs/results.md for the commands). The evaluations are kept in a record (a small CSV, one row per run and
+evaluation), so that the curves can be drawn from the record alone: --root merges the evaluations of every run
+under it (finished or still training) into --record, and the table and figure are drawn from all of it.
+
+    python scripts/fig2b.py --record=docs/fig2b_curves.csv --out=fig2b                   # redraw the record
+    python scripts/fig2b.py --root=out/fig2b --record=my_curves.csv --code=abc1234 --out=fig2b
+"""
+
+import argparse
+import csv
+import glob
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fig2 import load_checkpoint, stats, write_record  # noqa: E402
+
+FIELDS = ["t", "N", "seed", "max_iters", "step", "exact", "minutes", "code"]
+KEY = ["t", "N", "seed", "max_iters", "step"]
+RUN = ["t", "N", "seed", "max_iters"]
+
+
+def collect(root, code=""):
+    """One row per evaluation of every Rule 110 run under root that trains and evaluates at a single t."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(root, "**", "ckpt.pt"), recursive=True)):
+        ckpt = load_checkpoint(path)
+        cfg, task = ckpt["config"], ckpt["task"]
+        if cfg["task"] != "rule110" or task["t_min"] != task["t_max"] or cfg["layer_repeat"] != 1:
+            continue
+        t, n = task["t_max"], cfg["sleep_passes"]
+        for h in ckpt["history"]:
+            rows.append(dict(t=t, N=n, seed=cfg["seed"], max_iters=cfg["max_iters"], step=h["step"],
+                             exact=round(h["eval"][str(n)][t]["exact"], 4), minutes=round(h["elapsed"] / 60, 1),
+                             code=code))
+    return rows
+
+
+def read_record(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and set(rows[0]) != set(FIELDS):
+        raise ValueError(f"--record={path}: expected the columns {','.join(FIELDS)}, got {','.join(rows[0])}")
+    return [{k: v if k == "code" else float(v) if k in ("exact", "minutes") else int(v) for k, v in row.items()}
+            for row in rows]
+
+
+def merge(old, new):
+    """The record's rows with the new ones added; an evaluation already there is replaced by the checkpoint's."""
+    rows = {tuple(r[k] for k in KEY): r for r in old}
+    for r in new:
+        key = tuple(r[k] for k in KEY)
+        rows[key] = {**r, "code": r["code"] or (rows[key]["code"] if key in rows else "")}
+    return sorted(rows.values(), key=lambda r: [r[k] for k in KEY])
+
+
+def runs_of(rows):
+    """{(t, N, seed, max_iters): [(step, exact, minutes)] in step order}."""
+    runs = {}
+    for r in rows:
+        runs.setdefault(tuple(r[k] for k in RUN), []).append((r["step"], r["exact"], r["minutes"]))
+    return {k: sorted(v) for k, v in sorted(runs.items())}
+
+
+def first_step(curve, level):
+    """The first evaluated step at which exact accuracy reached level, or None."""
+    return next((step for step, exact, _ in curve if exact >= level), None)
+
+
+def table(rows):
+    lines = ["| t | N | seed | steps | first step at 0.5 | first step at 0.9 | final exact | minutes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (t, n, seed, max_iters), curve in runs_of(rows).items():
+        last_step, final, minutes = curve[-1]
+        done = "" if last_step >= max_iters else f" (at step {last_step}, still training)"
+        cells = [first_step(curve, 0.5), first_step(curve, 0.9)]
+        lines.append(f"| {t} | {n} | {seed} | {max_iters} | " + " | ".join("-" if c is None else str(c) for c in cells)
+                     + f" | {final:.3f}{done} | {minutes:.1f} |")
+    lines.append("\nExact accuracy (all 4 answers right) on the fixed evaluation set; '-': never reached within the "
+                 "run; minutes: training time to the last evaluation (one thread, two runs side by side).")
+    return "\n".join(lines)
+
+
+def mean_curve(curves):
+    """The mean over seeds at every step that all of them evaluated, with the std (sample, ddof = 1)."""
+    steps = sorted(set.intersection(*({s for s, _, _ in c} for c in curves)))
+    per_step = [[dict((s, e) for s, e, _ in c)[step] for c in curves] for step in steps]
+    return steps, [stats(v)[0] for v in per_step]
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no figure: matplotlib is optional and not installed")
+        return
+    runs = runs_of(rows)
+    ts = sorted({t for t, *_ in runs})
+    fig, axes = plt.subplots(1, len(ts), figsize=(5 * len(ts), 3.8), squeeze=False)
+    for ax, t in zip(axes[0], ts):
+        for n in sorted({n for tt, n, *_ in runs if tt == t}):
+            curves = [c for (tt, nn, _, _), c in runs.items() if (tt, nn) == (t, n)]
+            color = f"C{n - 1}"
+            for c in curves:
+                ax.plot([s for s, _, _ in c], [e for _, e, _ in c], color=color, linewidth=0.7, alpha=0.45)
+            steps, means = mean_curve(curves)
+            ax.plot(steps, means, color=color, linewidth=2.2, label=f"N = {n} ({len(curves)} seed"
+                    f"{'s' if len(curves) > 1 else ''})")
+        ax.axhline(1 / 16, color="gray", linestyle=":", linewidth=1, label="4 coin flips (1/16)")
+        ax.set(xlabel="training step (batch 64)", ylabel="exact accuracy", ylim=(-0.02, 1.02), title=f"t = {t}")
+        ax.legend(fontsize=8)
+    fig.suptitle("Rule 110, paper layout (4 x 24 cells, L = 24), AG d = 64; thin: each seed, thick: mean over seeds",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--root", default="", help="a folder with runs below it (any */ckpt.pt)")
+    parser.add_argument("--record", default="", help="a CSV of evaluations: the runs under --root are merged into "
+                                                     "it, and the table and figure drawn from all of it")
+    parser.add_argument("--code", default="", help="the commit the runs under --root trained at, for the record")
+    parser.add_argument("--out", default="fig2b", help="writes OUT.md (the table) and OUT.png (the figure)")
+    args = parser.parse_args(argv)
+    if not args.root and not args.record:
+        parser.error("give --root (runs), --record (a CSV of evaluations) or both")
+    rows = collect(args.root, args.code) if args.root else []
+    if args.record:
+        rows = merge(read_record(args.record) if os.path.exists(args.record) else [], rows)
+    if not rows:
+        sys.exit(f"error: no evaluated run under --root={args.root} and none in --record={args.record}")
+    if args.record:
+        write_record(args.record, rows, FIELDS)
+    text = table(rows)
+    print(text)
+    with open(args.out + ".md", "w") as f:
+        f.write(text + "\n")
+    plot(rows, args.out + ".png")
+
+
+if __name__ == "__main__":
+    main()
