@@ -1,33 +1,28 @@
 """
 sleep-lm: a hybrid attention + Gated DeltaNet language model that sleeps.
 
-Reference implementation of "Do Language Models Need Sleep? Offline Recurrence for Improved Online
-Inference" (Lee, McLeish, Goldstein, Fanti; arXiv 2605.26099). Not arXiv 2606.03979, not "sleep-time
-compute".
+Reference implementation of "Do Language Models Need Sleep? Offline Recurrence for Improved Online Inference"
+(Lee, McLeish, Goldstein, Fanti; arXiv 2605.26099). Not arXiv 2606.03979, not "sleep-time compute".
 
-The idea. Attention remembers by keeping a KV cache; a Gated DeltaNet (GDN) layer keeps a fixed-size
-matrix state S per head (the "fast weights") and writes every token into it. Once a window of L
-tokens is full, the model *sleeps*: with no new input it runs its block stack over that window again,
-N passes in all (pass 1 is the ordinary wake pass that read the tokens; sleep adds passes 2..N), each
-pass starting from the previous pass's features and the S it left, so the window is written into S
-deeper each time. Then the KV cache and the features are dropped and only S
-is kept. Prediction ("wake") is one ordinary forward pass, so wake-time cost does not change.
+The idea. Attention remembers by keeping a KV cache; a Gated DeltaNet (GDN) layer keeps a fixed-size matrix
+state S per head (the "fast weights") and writes every token into it. Once a window of L tokens is full, the
+model *sleeps*: with no new input it runs its blocks over that window again, N passes in all (pass 1 is the
+ordinary wake pass that read the tokens), each from the previous pass's features and the S it left, so the
+window is written into S deeper each time. Then the KV cache and the features are dropped and only S is kept.
+Prediction ("wake") is one ordinary pass, so wake-time cost does not change.
 
 Read in this order:
-  1. gated_delta_rule       the local rule: per-token reference and the exact chunkwise-parallel form
+  1. gated_delta_rule   the local rule: per-token reference and the exact chunkwise-parallel form
   2. Attention, GatedDeltaNet, MLP, Block
-  3. SleepState             what a sequence carries: per block its context and S; evict()
-  4. SleepLM.forward        Algorithm 1 of the paper, the loop that training, evaluation and probe.py run:
-                            per window process_window (wake pass, N - 1 sleep passes), then evict
-  5. SleepCache             streaming (and generate) with the same wake / sleep / evict steps
-The end of the file holds what a first reading can skip: input checks, and the fast paths (the same
-computation, faster), each marked.
+  3. SleepState         what a sequence carries from window to window: per block its context and S; evict
+  4. SleepLM.forward    Algorithm 1 of the paper: the loop that training, evaluation and probe.py run;
+                        below it its steps: process_window (one window), wake_pass, sleep_pass
+  5. SleepCache         streaming and generate: the same wake / sleep / evict steps, as tokens arrive
+The end of the file holds what a first reading can skip: input checks, and the fast paths, each marked.
 
-Shape letters:
-  B batch, T time (tokens), C channels (n_embd), V vocabulary, H heads,
-  Dk / Dv key / value head dims, L window (tokens per window), N passes per window (N = 1: no sleep),
-  Lc chunk length of the chunkwise local rule (a speed device inside one call, not a window),
-  K the GDN's short conv kernel (conv_size).
+Shape letters: B batch, T time (tokens), C channels (n_embd), V vocabulary, H heads, Dk / Dv key / value
+head dims, L window, N passes per window (N = 1: no sleep), Lc chunk of the chunkwise rule (a speed device
+inside one call, not a window), K the GDN's short conv kernel (conv_size).
 
 Eviction (what crosses a window boundary): "hard" only S (Algorithm 1); "sliding" S and the newest
 L - 1 tokens of context; "none" no windows, no sleep: one pass of full attention (an upper bound).
@@ -68,7 +63,8 @@ def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, chunk_size=None):
         o_t = S^T q_t                                read
     No normalisation or scaling happens here; the layer L2-normalises q, k and scales q.
     chunk_size=None runs the per-token loop (the readable reference); chunk_size=Lc runs the exact
-    chunkwise-parallel form over chunks of Lc tokens (any T). Both compute in float32, or float64.
+    chunkwise-parallel form over chunks of Lc tokens (any T). The inputs may come in any float dtype (bf16
+    under autocast): both forms compute in float32 (float64 for float64 inputs), so the layers need not.
     In flash-linear-attention (a yardstick in bench.py, not a dependency) this is
         fla.ops.gated_delta_rule.chunk_gated_delta_rule(q, k, v, g=log_decay, beta=beta, scale=1.0,
                                                         initial_state=state, output_final_state=True)
@@ -323,14 +319,13 @@ class SleepLMConfig:
 
 @dataclass
 class SleepState:
-    """What one sequence carries through the windows (nanochat's KV cache, plus S). Per block:
+    """What one sequence carries from window to window. Per block (attention blocks have S None):
 
-    S               the fast weights: (B, H, Dk, Dv) for a GDN block, None for attention; zero at the start
+    S               the fast weights (B, H, Dk, Dv), zero at the start
     context         what the next token may see from before it: attention (keys, values, positions), the GDN
-                    conv window. A wake pass reads it and extends it with the tokens it reads.
-    window_context  the context as it was when the current window began: every sleep pass starts from it
-    and for the whole sequence window (L) and eviction (hard, sliding, none).
-    The steps return a new state rather than change this one (checkpointing replays them).
+                    conv window; a wake pass extends it with the tokens it reads
+    window_context  the context when the current window began: where every sleep pass starts
+    and window (L) and eviction. The steps return a new state, never change one (checkpointing replays them).
     """
     S: list
     context: list
@@ -344,9 +339,9 @@ class SleepState:
         return self.window if self.eviction != "none" else float("inf")
 
     def evict(self):
-        """Algorithm 1, the end of a window (sec. 3): the window's attention KV (and its features, which the
-        caller drops) are gone and only S goes on. Sliding eviction (sec. 6.4): the newest L - 1 attention
-        entries and the conv windows stay too. "none": everything stays."""
+        """Algorithm 1 at the end of a window (sec. 3): the window's KV is dropped (its features, the caller
+        drops) and only S goes on. Sliding eviction (sec. 6.4): the newest L - 1 attention entries and the
+        conv windows stay too. "none": everything stays."""
         kept = []
         for S, context in zip(self.S, self.context):
             if self.eviction == "none":
@@ -396,24 +391,23 @@ class SleepLM(nn.Module):
     def forward(self, idx, targets=None, *, sleep_passes=None, window=None, eviction=None):
         """Algorithm 1 of the paper (sec. 3): the window loop that training, evaluation and probe.py run.
 
-        idx, targets: (B, T), targets -1 wherever there is nothing to predict; without targets every window
-        but the last is a consolidation window. sleep_passes, window, eviction: N, L and eviction for this
-        call (default: the config's). Returns the logits (B, T, V), from the wake pass of every window, and
-        the loss (None without targets). What goes beyond Algorithm 1 is marked "option".
+        idx, targets: (B, T), targets -1 wherever there is nothing to predict (without targets every window
+        but the last sleeps). sleep_passes, window, eviction: N, L and eviction for this call, by default the
+        config's. Returns the logits (B, T, V) of every window's wake pass, and the loss (None without
+        targets). What goes beyond Algorithm 1 is marked "option".
         """
         N, L, eviction = self.resolve(sleep_passes, window, eviction)
         consolidate = self.plan_windows(idx, targets, None if eviction == "none" else L)   # per window: sleep?
         B, T = idx.shape
         if eviction == "none":   # option: no windows, no sleep, one pass of full attention
             L, N = T, 1
-        grad = torch.is_grad_enabled()
+        grad, bptt = torch.is_grad_enabled(), self.config.bptt_passes
         state = self.initial_state(B, L, eviction)            # 1. S = 0; nothing before the first window
         logits, predicted = [], []
         for w, start in enumerate(range(0, T, L)):            # 2. windows of L tokens
             x, pos = idx[:, start:start + L], torch.arange(start, min(start + L, T), device=idx.device)
-            passes = N if consolidate[w] else 1               # 3. no answer in it: N passes; else one
-            bptt = self.config.bptt_passes                    # option: the first passes without gradient
-            untracked = max(passes - bptt, 0) if bptt and grad else 0
+            passes = N if consolidate[w] else 1               # 3. no answer in it: N passes, else one
+            untracked = max(passes - bptt, 0) if bptt and grad else 0   # option: passes without gradient
             if self.config.checkpoint_windows and grad:       # option: recompute the window in backward
                 window_logits, state = checkpoint(self.process_window, x, pos, state, passes, untracked,
                                                   use_reentrant=False)
@@ -432,14 +426,13 @@ class SleepLM(nn.Module):
         return logits, loss
 
     def process_window(self, idx, pos, state, passes, untracked=0):
-        """One window of Algorithm 1 (step 3): embed once (the passes do not re-embed), the wake pass (pass
-        1, every block), then passes - 1 sleep passes. idx (B, t) at positions pos (t,). Returns the wake
-        logits (B, t, V) and the state after the last pass (not yet evicted). No branch on a tensor value:
-        train.py --compile compiles this method, one graph per kind of window.
-        Option bptt_passes (truncated backprop; the paper names it, untried): the first `untracked` passes
-        (a Python int) run without gradient and are reconnected straight-through (their values, the
+        """One window (Algorithm 1, step 3): embed once, the wake pass, then passes - 1 sleep passes over
+        idx (B, t) at positions pos (t,). Returns the wake logits (B, t, V) and the state after the last pass.
+        train.py --compile compiles this method (one graph per kind of window): no branch on a tensor value.
+        Option bptt_passes (truncated backprop, which the paper names as untried): the first `untracked`
+        passes (a Python int) run without gradient and are reconnected straight-through (their values, the
         identity in backward)."""
-        embeddings = self.wte(idx)
+        embeddings = self.wte(idx)                            # once: the passes do not re-embed
         S_in = state.S
         with torch.no_grad() if untracked else contextlib.nullcontext():
             out, loop_input, h, state = self.wake_pass(embeddings, pos, state)
@@ -449,14 +442,14 @@ class SleepLM(nn.Module):
         if untracked:   # straight-through: untracked values, identity gradient
             h, loop_input = (embeddings + (x - embeddings).detach() for x in (h, loop_input))
             state = replace(state, S=[s if s is None else s_in + (s - s_in).detach() for s_in, s in zip(S_in, state.S)])
-        for _ in range(passes - max(untracked, 1)):          # the sleep passes
+        for _ in range(passes - max(untracked, 1)):          # the (tracked) sleep passes
             h, state = self.sleep_pass(h, loop_input, pos, state)
         # Logits of a consolidation window are never trained on: keep them out of the graph.
         return (wake_logits if passes == 1 else wake_logits.detach()), state
 
     def wake_pass(self, h, pos, state):
         """Pass 1 (wake): every block once over h (B, t, C), reading and extending the context. Returns the
-        output features, what the sleep passes start from (the looped blocks' input and output), the state."""
+        output features, the looped blocks' input and output (where sleep passes start), and the state."""
         loop = self.looped_blocks()
         h, state = self.run_blocks(h, pos, state, range(loop.start), state.context)
         loop_input = h
@@ -465,21 +458,21 @@ class SleepLM(nn.Module):
         return out, loop_input, h, state
 
     def sleep_pass(self, h, loop_input, pos, state):
-        """One sleep pass (Algorithm 1, step 3): the looped blocks again, on their own previous output h, from
-        the window's starting context and the S the last pass left. The other blocks keep theirs.
+        """One sleep pass (Algorithm 1, step 3): the looped blocks again, on their previous output h, from the
+        window's starting context and the S the last pass left (the other blocks keep theirs).
         Option input_injection (not in Algorithm 1): add the looped blocks' wake-pass input first."""
         if self.config.input_injection:
             h = h + loop_input
         return self.run_blocks(h, pos, state, self.looped_blocks(), state.window_context)
 
     def looped_blocks(self):
-        """The blocks that sleep passes run: all (Algorithm 1), or option sleep_blocks=(start, stop), the
-        paper's choice for its pretrained Jet-Nemotron (the middle 14 of 28 blocks)."""
+        """The blocks that sleep passes run: all (Algorithm 1), or option sleep_blocks=(start, stop), as the
+        paper does for its pretrained Jet-Nemotron (the middle 14 of 28 blocks)."""
         return range(*(self.config.sleep_blocks or (0, len(self.blocks))))
 
     def run_blocks(self, h, pos, state, blocks, context):
-        """h (B, t, C) at positions pos through the blocks in range `blocks`, block i from context[i] and
-        state.S[i]. Returns h and the state with those blocks' S and extended context."""
+        """h (B, t, C) through the blocks in range `blocks`, block i from context[i] and state.S[i].
+        Returns h and the state with those blocks' S and extended context."""
         S, extended = list(state.S), list(state.context)
         for i in blocks:
             h, S[i], extended[i] = self.blocks[i](h, pos, context[i], S[i], state.span)
@@ -556,49 +549,41 @@ class SleepLM(nn.Module):
 
 
 class SleepCache:
-    """Everything a streaming SleepLM remembers, and the three things that happen to it: the steps of
-    SleepLM.forward (wake_pass, sleep_pass, SleepState.evict), taken as the tokens arrive.
+    """A streaming SleepLM: forward's steps (wake_pass, sleep_pass, SleepState.evict), taken as tokens arrive.
 
-    state           the SleepState: per block S (zero at reset), the context so far and at the window's start
-    features        the looped blocks' wake-pass output for the current window's tokens (B, <= L, C) in pieces
-    loop_inputs     the looped blocks' wake-pass input (the token embeddings by default), for input injection
-
-    wake(idx)   the wake pass over new tokens of the current window; returns their logits
-    sleep()     the remaining N - 1 passes of the looped blocks over the window (pass 1 was the wake pass)
-    evict()     drop the window's KV and features; keep S (and, sliding, the newest L - 1 tokens)
-    Memory is bounded by the window (unless eviction is "none"). CompiledSleepCache (end of file): the same,
-    one-token step compiled.
+    state                  the SleepState: per block S, the context so far and at the window's start
+    features, loop_inputs  the looped blocks' wake-pass output and input for the window's tokens so far
+    wake(idx) the wake pass over new tokens (their logits); sleep() passes 2..N over the full window; evict()
+    drops the window's KV and features. Memory is bounded by the window (unless eviction is "none").
+    CompiledSleepCache (end of file): the same, its one-token step compiled.
     """
 
     def __init__(self, model, batch_size, *, sleep_passes=None, window=None, eviction=None):
-        self.model = model
-        self.batch_size = batch_size
+        self.model, self.batch_size = model, batch_size
         self.sleep_passes, self.window, self.eviction = model.resolve(sleep_passes, window, eviction)
         self.reset()
 
     def reset(self):
-        self.pos = 0            # absolute position of the next token
+        self.pos = 0   # absolute position of the next token
         self.start_window(self.model.initial_state(self.batch_size, self.window, self.eviction))
 
     def start_window(self, state):
-        """Begin a window from state: its context is what every sleep pass of the window starts from."""
         context = self.fixed_context(state.context)
         self.state = replace(state, context=context, window_context=context)
-        self.features, self.loop_inputs = [], []
-        self.window_start = self.pos
+        self.features, self.loop_inputs, self.window_start = [], [], self.pos
 
     def fixed_context(self, context):
         """The context as the cache keeps it: as it is (CompiledSleepCache pads it to a fixed shape)."""
         return context
 
-    def window_length(self):
-        return self.pos - self.window_start
+    def room(self):
+        """How many more tokens the current window takes."""
+        return self.window - (self.pos - self.window_start)
 
     def wake(self, idx):
-        """The wake pass over idx (B, t), which must fit in the current window."""
-        if self.eviction != "none" and self.window_length() + idx.shape[1] > self.window:
-            raise ValueError(f"wake got {idx.shape[1]} tokens but only {self.window - self.window_length()} fit "
-                             f"in the window")
+        """The wake pass over idx (B, t), which must fit in the current window; returns its logits (B, t, V)."""
+        if self.eviction != "none" and idx.shape[1] > self.room():
+            raise ValueError(f"wake got {idx.shape[1]} tokens but only {self.room()} fit in the window")
         pos = torch.arange(self.pos, self.pos + idx.shape[1], device=idx.device)
         logits, loop_input, h, self.state = self.wake_step(idx, pos, self.state)
         if self.eviction != "none":
@@ -608,12 +593,11 @@ class SleepCache:
         return logits
 
     def wake_step(self, idx, pos, state):
-        """SleepLM.wake_pass over idx at positions pos: logits, the looped blocks' input and output, state."""
         out, loop_input, h, state = self.model.wake_pass(self.model.wte(idx), pos, state)
         return self.model.head(out), loop_input, h, replace(state, context=self.fixed_context(state.context))
 
     def sleep(self):
-        """Passes 2..N (SleepLM.sleep_pass) over the full window, from its starting context and the current S."""
+        """Passes 2..N over the full window, from its starting context and the current S."""
         h, loop_input = torch.cat(self.features, dim=1), torch.cat(self.loop_inputs, dim=1)
         pos = torch.arange(self.window_start, self.pos, device=h.device)
         for _ in range(self.sleep_passes - 1):
@@ -626,14 +610,12 @@ class SleepCache:
         """Read idx (B, T) in order: wake, and sleep + evict each time the window fills.
         Returns the wake logits (B, T, V): equal to SleepLM.forward's on the same sequence."""
         check_tokens("idx", idx, self.model.config.vocab_size)
-        logits = []
-        start = 0
+        logits, start = [], 0
         while start < idx.shape[1]:
-            room = idx.shape[1] - start if self.eviction == "none" else self.window - self.window_length()
-            piece = idx[:, start:start + room]
-            logits.append(self.wake(piece))
-            start += piece.shape[1]
-            if self.eviction != "none" and self.window_length() == self.window:
+            room = idx.shape[1] - start if self.eviction == "none" else self.room()
+            logits.append(self.wake(idx[:, start:start + room]))
+            start += room
+            if self.eviction != "none" and self.room() == 0:
                 self.sleep()
                 self.evict()
         return torch.cat(logits, dim=1)
@@ -713,11 +695,10 @@ def check_windows_line_up(no_answer, L, T):
 
 
 # -----------------------------------------------------------------------------
-# Fast paths: the same computation as the plain forms above, faster. Skip on first read.
-# FAST_PATHS picks the two CPU ones in the reading path (the GDN conv, the chunkwise rule's triangular
-# solve; equal to the plain forms up to rounding: test_fast_paths_match_the_plain_forms). train.py --compile
-# compiles SleepLM.process_window (test_compiled_model_matches_eager_...); CompiledSleepCache, below,
-# compiles the one-token wake step.
+# Fast paths: the same computation as the plain forms above, faster. Skip on first read. FAST_PATHS picks two
+# in the reading path (the GDN conv, the chunkwise rule's solve; equal to the plain forms up to rounding:
+# test_fast_paths_match_the_plain_forms). train.py --compile compiles SleepLM.process_window
+# (test_compiled_model_matches_eager_...); CompiledSleepCache compiles the one-token wake step.
 
 FAST_PATHS = True   # False: the plain F.conv1d and solve_triangular (slower on CPU)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the torch.compile modes that replay CUDA graphs
