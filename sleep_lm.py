@@ -31,6 +31,7 @@ L - 1 tokens of context; "none" no windows, no sleep: one pass of full attention
 import contextlib
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -339,9 +340,9 @@ class SleepState:
         return self.window if self.eviction != "none" else float("inf")
 
     def evict(self):
-        """Algorithm 1 at the end of a window (sec. 3): the window's KV is dropped (its features, the caller
-        drops) and only S goes on. Sliding eviction (sec. 6.4): the newest L - 1 attention entries and the
-        conv windows stay too. "none": everything stays."""
+        """Algorithm 1 at the end of a window (sec. 3): the window's attention KV goes (the caller drops its
+        features), conv windows are zeroed, only S stays. Sliding eviction (sec. 6.4): the newest L - 1
+        attention entries and the conv windows stay too. "none": everything stays."""
         kept = []
         for S, context in zip(self.S, self.context):
             if self.eviction == "none":
@@ -402,17 +403,16 @@ class SleepLM(nn.Module):
         if eviction == "none":   # option: no windows, no sleep, one pass of full attention
             L, N = T, 1
         grad, bptt = torch.is_grad_enabled(), self.config.bptt_passes
+        step = self.process_window                            # one window: the wake pass, then sleep passes
+        if self.config.checkpoint_windows and grad:           # option: recompute each window in backward
+            step = partial(checkpoint, self.process_window, use_reentrant=False)
         state = self.initial_state(B, L, eviction)            # 1. S = 0; nothing before the first window
         logits, predicted = [], []
         for w, start in enumerate(range(0, T, L)):            # 2. windows of L tokens
             x, pos = idx[:, start:start + L], torch.arange(start, min(start + L, T), device=idx.device)
             passes = N if consolidate[w] else 1               # 3. no answer in it: N passes, else one
             untracked = max(passes - bptt, 0) if bptt and grad else 0   # option: passes without gradient
-            if self.config.checkpoint_windows and grad:       # option: recompute the window in backward
-                window_logits, state = checkpoint(self.process_window, x, pos, state, passes, untracked,
-                                                  use_reentrant=False)
-            else:                                             # the wake pass, then passes - 1 sleep passes
-                window_logits, state = self.process_window(x, pos, state, passes, untracked)
+            window_logits, state = step(x, pos, state, passes, untracked)   # wake pass, passes - 1 sleep passes
             state = state.evict()                             # 4. evict: only S goes on (sliding: KV too)
             logits.append(window_logits)
             if targets is not None and not consolidate[w]:
