@@ -200,42 +200,51 @@ def first_prediction_window(task, targets):
 
 
 # -----------------------------------------------------------------------------
-# Collecting S: Algorithm 1, window by window, keeping S after every pass.
+# Collecting S: SleepLM.forward (Algorithm 1), noting S after every pass.
 
 
 @torch.no_grad()
 def collect_states(model, idx, targets, windows, blocks, batch_size=256):
     """S (flattened, the given blocks' concatenated) after every pass of the given consolidation windows.
 
-    Runs the windows as SleepLM.forward does (process_window, evict), but one pass at a time.
+    Runs SleepLM.forward itself, its wake and sleep passes wrapped to note S after each pass.
     Returns (passes, carried): passes[w] is a list of N tensors (B, F), S after pass 1..N of window w;
     carried (B, F) is the S that enters the first prediction window.
     """
-    N, L, eviction = model.resolve()
-    consolidate = model.plan_windows(idx, targets, L)
-    span = L
+    N = model.config.sleep_passes
+    first_prediction = model.plan_windows(idx, targets, model.config.window).index(False)
     passes = {w: [[] for _ in range(N)] for w in windows}
     carried = []
 
     def features(S):
         return torch.cat([S[i].reshape(S[i].shape[0], -1) for i in blocks], dim=1).cpu()
 
+    noted = []   # per window forward ran: S entering it, then S after each of its passes
+    wake_pass, sleep_pass = model.wake_pass, model.sleep_pass
+
+    def noting_wake_pass(h, pos, state):
+        noted.append([features(state.S)])
+        *out, state = wake_pass(h, pos, state)
+        noted[-1].append(features(state.S))
+        return *out, state
+
+    def noting_sleep_pass(*args):
+        h, state = sleep_pass(*args)
+        noted[-1].append(features(state.S))
+        return h, state
+
     device = model.wte.weight.device
-    for rows in torch.arange(len(idx)).split(batch_size):
-        x = idx[rows].to(device)
-        context, S = model.empty_state(len(rows), device)
-        for w, start in enumerate(range(0, idx.shape[1], L)):
-            if not consolidate[w]:
-                carried.append(features(S))
-                break
-            pos = torch.arange(start, min(start + L, idx.shape[1]), device=device)
-            out, S, extended, loop_input, h = model.wake_pass(model.wte(x[:, start:start + L]), pos, context, S, span)
-            for p in range(N):
-                if p > 0:
-                    h, S, extended = model.sleep_pass(h, loop_input, pos, context, S, extended, span)
-                if w in passes:
-                    passes[w][p].append(features(S))
-            context = model.evict(extended, L, eviction)   # only S (sliding: and the newest tokens) goes on
+    model.wake_pass, model.sleep_pass = noting_wake_pass, noting_sleep_pass
+    try:
+        for rows in torch.arange(len(idx)).split(batch_size):
+            noted.clear()
+            model(idx[rows].to(device), targets[rows].to(device))
+            for w in windows:
+                for p in range(N):
+                    passes[w][p].append(noted[w][1 + p])
+            carried.append(noted[first_prediction][0])
+    finally:
+        del model.wake_pass, model.sleep_pass   # the model's own methods again
     return {w: [torch.cat(p) for p in per_pass] for w, per_pass in passes.items()}, torch.cat(carried)
 
 

@@ -1,32 +1,28 @@
 """
 sleep-lm: a hybrid attention + Gated DeltaNet language model that sleeps.
 
-Reference implementation of "Do Language Models Need Sleep? Offline Recurrence for Improved Online
-Inference" (Lee, McLeish, Goldstein, Fanti; arXiv 2605.26099). Not arXiv 2606.03979, not "sleep-time
-compute".
+Reference implementation of "Do Language Models Need Sleep? Offline Recurrence for Improved Online Inference"
+(Lee, McLeish, Goldstein, Fanti; arXiv 2605.26099). Not arXiv 2606.03979, not "sleep-time compute".
 
-The idea. Attention remembers by keeping a KV cache; a Gated DeltaNet (GDN) layer keeps a fixed-size
-matrix state S per head (the "fast weights") and writes every token into it. Once a window of L
-tokens is full, the model *sleeps*: with no new input it runs its block stack over that window again,
-N passes in all (pass 1 is the ordinary wake pass that read the tokens; sleep adds passes 2..N), each
-pass starting from the previous pass's features and the S it left, so the window is written into S
-deeper each time. Then the KV cache and the features are dropped and only S
-is kept. Prediction ("wake") is one ordinary forward pass, so wake-time cost does not change.
+The idea. Attention remembers by keeping a KV cache; a Gated DeltaNet (GDN) layer keeps a fixed-size matrix
+state S per head (the "fast weights") and writes every token into it. Once a window of L tokens is full, the
+model *sleeps*: with no new input it runs its blocks over that window again, N passes in all (pass 1 is the
+ordinary wake pass that read the tokens), each from the previous pass's features and the S it left, so the
+window is written into S deeper each time. Then the KV cache and the features are dropped and only S is kept.
+Prediction ("wake") is one ordinary pass, so wake-time cost does not change.
 
 Read in this order:
-  1. gated_delta_rule       the local rule: per-token reference and the exact chunkwise-parallel form
+  1. gated_delta_rule   the local rule: per-token reference and the exact chunkwise-parallel form
   2. Attention, GatedDeltaNet, MLP, Block
-  3. SleepLM.algorithm1     Algorithm 1 of the paper on one screen (windows, sleep passes, eviction)
-  4. SleepLM.forward        the same loop with its options (sliding eviction, partial looping, ...)
-  5. SleepCache             the streaming state (KV, conv windows, S) with wake / sleep / evict
-The end of the file holds what a first reading can skip: input checks, and the fast paths (the same
-numbers, compiled), each marked.
+  3. SleepState         what a sequence carries from window to window: per block its context and S; evict
+  4. SleepLM.forward    Algorithm 1 of the paper: the loop that training, evaluation and probe.py run;
+                        below it its steps: process_window (one window), wake_pass, sleep_pass
+  5. SleepCache         streaming and generate: the same wake / sleep / evict steps, as tokens arrive
+The end of the file holds what a first reading can skip: input checks, and the fast paths, each marked.
 
-Shape letters:
-  B batch, T time (tokens), C channels (n_embd), V vocabulary, H heads,
-  Dk / Dv key / value head dims, L window (tokens per window), N passes per window (N = 1: no sleep),
-  Lc chunk length of the chunkwise local rule (a speed device inside one call, not a window),
-  K the GDN's short conv kernel (conv_size).
+Shape letters: B batch, T time (tokens), C channels (n_embd), V vocabulary, H heads, Dk / Dv key / value
+head dims, L window, N passes per window (N = 1: no sleep), Lc chunk of the chunkwise rule (a speed device
+inside one call, not a window), K the GDN's short conv kernel (conv_size).
 
 Eviction (what crosses a window boundary): "hard" only S (Algorithm 1); "sliding" S and the newest
 L - 1 tokens of context; "none" no windows, no sleep: one pass of full attention (an upper bound).
@@ -34,7 +30,8 @@ L - 1 tokens of context; "none" no windows, no sleep: one pass of full attention
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -67,7 +64,8 @@ def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, chunk_size=None):
         o_t = S^T q_t                                read
     No normalisation or scaling happens here; the layer L2-normalises q, k and scales q.
     chunk_size=None runs the per-token loop (the readable reference); chunk_size=Lc runs the exact
-    chunkwise-parallel form over chunks of Lc tokens (any T). Both compute in float32, or float64.
+    chunkwise-parallel form over chunks of Lc tokens (any T). The inputs may come in any float dtype (bf16
+    under autocast): both forms compute in float32 (float64 for float64 inputs), so the layers need not.
     In flash-linear-attention (a yardstick in bench.py, not a dependency) this is
         fla.ops.gated_delta_rule.chunk_gated_delta_rule(q, k, v, g=log_decay, beta=beta, scale=1.0,
                                                         initial_state=state, output_final_state=True)
@@ -131,9 +129,10 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
     decay = gap.masked_fill(~causal, float("-inf")).exp()                 # e^{c_i - c_j} for j <= i
     A = (k @ k.transpose(-1, -2)) * decay * beta[..., None]               # diag(beta) A, diagonal ignored
     rhs = torch.cat([beta[..., None] * v, (beta * c.exp())[..., None] * k], dim=-1)
-    # Solved as UW^T (I + diag(beta) A)^T = rhs^T: the same system, but LAPACK then gets row-major
-    # operands without copies, which makes the solve and its backward much faster on CPU.
-    UW = torch.linalg.solve_triangular(A.mT, rhs.mT, upper=True, left=False, unitriangular=True).mT
+    if FAST_PATHS:   # the same system, solved transposed: much faster on CPU (end of file)
+        UW = fast_solve_unit_lower(A, rhs)
+    else:            # (I + diag(beta) A) UW = rhs; unitriangular: the diagonal of A is not read
+        UW = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
     U, W = UW.split([Dv, Dk], dim=-1)                                     # (B, H, n, Lc, Dv), (.., Dk)
     scores = (q @ k.transpose(-1, -2)) * decay                            # (B, H, n, Lc, Lc), j <= i
     q_decayed = q * c.exp()[..., None]                                    # reads S0 through e^{c_i}
@@ -243,27 +242,23 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x, pos, context, S, span):
         B, T, _ = x.shape
         H, D = self.n_head, self.head_dim
-        qkv = self.qkv(x)                                                     # (B, T, 3 * H * D)
-        conv_window = qkv.new_zeros(B, self.conv_size - 1, qkv.shape[-1]) if context is None else context.to(qkv.dtype)
-        padded = torch.cat([conv_window, qkv], dim=1)                              # (B, K - 1 + T, 3HD)
-        # Depthwise causal conv as K shifted multiply-adds (= F.conv1d with groups=3HD, and much
-        # faster than it on CPU at these sizes).
-        weight = self.conv_weight[:, 0, :].to(qkv.dtype)                      # (3HD, K)
-        qkv = padded[:, -T:] * weight[:, -1]
-        for i in range(self.conv_size - 1):
-            qkv = torch.addcmul(qkv, padded[:, i:i + T], weight[:, i])                # qkv += shifted * w_i
+        qkv = self.qkv(x)                                                     # (B, T, 3HD)
+        if context is None:
+            context = self.empty_context(B, x.device, qkv.dtype)
+        padded = torch.cat([context.to(qkv.dtype), qkv], dim=1)               # (B, K - 1 + T, 3HD)
+        if FAST_PATHS:   # the same conv as K shifted multiply-adds: much faster on CPU (end of file)
+            qkv = fast_causal_conv(padded, self.conv_weight)
+        else:            # depthwise (a group per channel) and causal: padded starts K - 1 rows early
+            qkv = F.conv1d(padded.transpose(1, 2), self.conv_weight, groups=qkv.shape[-1]).transpose(1, 2)
         qkv = F.silu(qkv).view(B, T, 3, H, D)
-        f32 = state_dtype(x)                                                  # the state math in float32
-        q, k = l2_normalize(qkv[:, :, :2].to(f32)).unbind(2)                  # (B, T, H, D), one call for both
-        q, v = q / math.sqrt(D), qkv[:, :, 2]
-        beta = torch.sigmoid(self.b_proj(x).to(f32))                          # (B, T, H), in (0, 1)
-        log_decay = -self.A_log.to(f32).exp() * F.softplus(self.a_proj(x).to(f32) + self.dt_bias)
-        # One token (decoding): the recurrence is the fast path; a window: the chunkwise form.
-        chunk_size = None if T == 1 else self.chunk_size
-        o, S = gated_delta_rule(q, k, v.to(f32), log_decay, beta, state=S, chunk_size=chunk_size)
-        o = self.o_norm(o) * F.silu(self.g_proj(x).to(f32).view(B, T, H, D))
-        y = self.proj(o.reshape(B, T, H * D).to(x.dtype))
-        return y, S, padded[:, padded.shape[1] - (self.conv_size - 1):]
+        q, k = l2_normalize(qkv[:, :, :2]).unbind(2)                          # (B, T, H, D), one call for both
+        beta = torch.sigmoid(self.b_proj(x))                                  # (B, T, H), in (0, 1)
+        log_decay = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)
+        # One token (decoding): the per-token recurrence is the fast path; a window: the chunkwise form.
+        o, S = gated_delta_rule(q / math.sqrt(D), k, qkv[:, :, 2], log_decay, beta, state=S,
+                                chunk_size=None if T == 1 else self.chunk_size)
+        o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, D))
+        return self.proj(o.reshape(B, T, H * D)), S, padded[:, -(self.conv_size - 1):]
 
 
 class MLP(nn.Module):
@@ -323,8 +318,46 @@ class SleepLMConfig:
         check_config(self)   # a ValueError naming the field (at the end of the file)
 
 
+@dataclass
+class SleepState:
+    """What one sequence carries from window to window. Per block (attention blocks have S None):
+
+    S               the fast weights (B, H, Dk, Dv), zero at the start
+    context         what the next token may see from before it: attention (keys, values, positions), the GDN
+                    conv window; a wake pass extends it with the tokens it reads
+    window_context  the context when the current window began: where every sleep pass starts
+    and window (L) and eviction. The steps return a new state, never change one (checkpointing replays them).
+    """
+    S: list
+    context: list
+    window_context: list
+    window: int
+    eviction: str
+
+    @property
+    def span(self):
+        """How many positions back attention may look, itself included: L (all of them without eviction)."""
+        return self.window if self.eviction != "none" else float("inf")
+
+    def evict(self):
+        """Algorithm 1 at the end of a window (sec. 3): the window's attention KV goes (the caller drops its
+        features), conv windows are zeroed, only S stays. Sliding eviction (sec. 6.4): the newest L - 1
+        attention entries and the conv windows stay too. "none": everything stays."""
+        kept = []
+        for S, context in zip(self.S, self.context):
+            if self.eviction == "none":
+                kept.append(context)
+            elif S is not None:   # GDN: the conv window
+                kept.append(context if self.eviction == "sliding" else torch.zeros_like(context))
+            else:                 # attention: (keys, values, positions)
+                k, v, pos = context
+                start = max(k.shape[2] - (self.window - 1 if self.eviction == "sliding" else 0), 0)
+                kept.append((k[:, :, start:], v[:, :, start:], pos[start:]))
+        return replace(self, context=kept, window_context=kept)
+
+
 class SleepLM(nn.Module):
-    """Embedding, the blocks of config.layers, final norm and head; algorithm1 / forward run the windows."""
+    """Embedding, the blocks of config.layers, final norm and head; forward runs the windows (Algorithm 1)."""
 
     def __init__(self, config):
         super().__init__()
@@ -354,37 +387,108 @@ class SleepLM(nn.Module):
                 bound = math.sqrt(3 / p.shape[-1])
                 nn.init.uniform_(p, -bound, bound)
 
-    # -- the sleep loop ---------------------------------------------------------------------
+    # -- the sleep loop: Algorithm 1 ----------------------------------------------------------
 
-    def algorithm1(self, idx, targets):
-        """Algorithm 1 of the paper, plainly: hard eviction, every block sleeps, full backprop.
+    def forward(self, idx, targets=None, *, sleep_passes=None, window=None, eviction=None):
+        """Algorithm 1 of the paper (sec. 3): the window loop that training, evaluation and probe.py run.
 
-        idx, targets: (B, T), targets -1 wherever there is nothing to predict. Returns (logits, loss) equal
-        to forward's with the default options (test_algorithm1_is_forward_with_the_default_options); forward
-        runs the same loop with its options on top (process_window, run_windows). Read this one first;
-        it uses three small helpers defined below it: empty_state (S = 0), block_pass (one pass of the
-        blocks) and head (logits).
+        idx, targets: (B, T), targets -1 wherever there is nothing to predict (without targets every window
+        but the last sleeps). sleep_passes, window, eviction: N, L and eviction for this call, by default the
+        config's. Returns the logits (B, T, V) of every window's wake pass, and the loss (None without
+        targets). What goes beyond Algorithm 1 is marked "option".
         """
-        N, L = self.config.sleep_passes, self.config.window
-        context, S = self.empty_state(idx.shape[0], idx.device)   # S = 0; nothing before the first window
+        N, L, eviction = self.resolve(sleep_passes, window, eviction)
+        consolidate = self.plan_windows(idx, targets, None if eviction == "none" else L)   # per window: sleep?
+        B, T = idx.shape
+        if eviction == "none":   # option: no windows, no sleep, one pass of full attention
+            L, N = T, 1
+        grad, bptt = torch.is_grad_enabled(), self.config.bptt_passes
+        step = self.process_window                            # one window: the wake pass, then sleep passes
+        if self.config.checkpoint_windows and grad:           # option: recompute each window in backward
+            step = partial(checkpoint, self.process_window, use_reentrant=False)
+        state = self.initial_state(B, L, eviction)            # 1. S = 0; nothing before the first window
         logits, predicted = [], []
-        for start in range(0, idx.shape[1], L):
-            x, y = idx[:, start:start + L], targets[:, start:start + L]
-            pos = torch.arange(start, start + x.shape[1], device=idx.device)
-            consolidate = bool((y < 0).all())      # no answer in this window: sleep on it
-            h = self.wte(x)                         # embed once
-            for p in range(N if consolidate else 1):   # pass 1 wakes; passes 2..N sleep, each from the
-                # previous pass's features and S. Attention sees the window's own tokens (at most L back);
-                # context, what came before the window, stays empty: hard eviction keeps nothing of it.
-                h, S, _ = self.block_pass(h, pos, context, S, L)
-                if p == 0:
-                    logits.append(self.head(h))     # what the model predicts from: the wake pass
-            if not consolidate:
-                predicted.append((logits[-1], y))
-            # Evict: the window's features and attention KV are dropped; only S goes on (context stays empty).
-        loss = F.cross_entropy(torch.cat([z for z, _ in predicted], 1).flatten(0, 1),
-                               torch.cat([y for _, y in predicted], 1).flatten(), ignore_index=-1)
-        return torch.cat(logits, dim=1), loss
+        for w, start in enumerate(range(0, T, L)):            # 2. windows of L tokens
+            x, pos = idx[:, start:start + L], torch.arange(start, min(start + L, T), device=idx.device)
+            passes = N if consolidate[w] else 1               # 3. no answer in it: N passes, else one
+            untracked = max(passes - bptt, 0) if bptt and grad else 0   # option: passes without gradient
+            window_logits, state = step(x, pos, state, passes, untracked)   # wake pass, passes - 1 sleep passes
+            state = state.evict()                             # 4. evict: only S goes on (sliding: KV too)
+            logits.append(window_logits)
+            if targets is not None and not consolidate[w]:
+                predicted.append((window_logits, targets[:, start:start + L]))
+        logits = torch.cat(logits, dim=1)
+        if targets is None:
+            return logits, None
+        # The loss: cross-entropy on the answer tokens, which only prediction windows hold.
+        loss = F.cross_entropy(torch.cat([z for z, _ in predicted], dim=1).flatten(0, 1),
+                               torch.cat([y for _, y in predicted], dim=1).flatten(), ignore_index=-1)
+        return logits, loss
+
+    def process_window(self, idx, pos, state, passes, untracked=0):
+        """One window (Algorithm 1, step 3): embed once, the wake pass, then passes - 1 sleep passes over
+        idx (B, t) at positions pos (t,). Returns the wake logits (B, t, V) and the state after the last pass.
+        train.py --compile compiles this method (one graph per kind of window): no branch on a tensor value.
+        Option bptt_passes (truncated backprop, which the paper names as untried): the first `untracked`
+        passes (a Python int) run without gradient and are reconnected straight-through (their values, the
+        identity in backward)."""
+        embeddings = self.wte(idx)                            # once: the passes do not re-embed
+        S_in = state.S
+        with torch.no_grad() if untracked else contextlib.nullcontext():
+            out, loop_input, h, state = self.wake_pass(embeddings, pos, state)
+            wake_logits = self.head(out)
+            for _ in range(untracked - 1):
+                h, state = self.sleep_pass(h, loop_input, pos, state)
+        if untracked:   # straight-through: untracked values, identity gradient
+            h, loop_input = (embeddings + (x - embeddings).detach() for x in (h, loop_input))
+            state = replace(state, S=[s if s is None else s_in + (s - s_in).detach() for s_in, s in zip(S_in, state.S)])
+        for _ in range(passes - max(untracked, 1)):          # the (tracked) sleep passes
+            h, state = self.sleep_pass(h, loop_input, pos, state)
+        # Logits of a consolidation window are never trained on: keep them out of the graph.
+        return (wake_logits if passes == 1 else wake_logits.detach()), state
+
+    def wake_pass(self, h, pos, state):
+        """Pass 1 (wake): every block once over h (B, t, C), reading and extending the context. Returns the
+        output features, the looped blocks' input and output (where sleep passes start), and the state."""
+        loop = self.looped_blocks()
+        h, state = self.run_blocks(h, pos, state, range(loop.start), state.context)
+        loop_input = h
+        h, state = self.run_blocks(h, pos, state, loop, state.context)
+        out, state = self.run_blocks(h, pos, state, range(loop.stop, len(self.blocks)), state.context)
+        return out, loop_input, h, state
+
+    def sleep_pass(self, h, loop_input, pos, state):
+        """One sleep pass (Algorithm 1, step 3): the looped blocks again, on their previous output h, from the
+        window's starting context and the S the last pass left (the other blocks keep theirs).
+        Option input_injection (not in Algorithm 1): add the looped blocks' wake-pass input first."""
+        if self.config.input_injection:
+            h = h + loop_input
+        return self.run_blocks(h, pos, state, self.looped_blocks(), state.window_context)
+
+    def looped_blocks(self):
+        """The blocks that sleep passes run: all (Algorithm 1), or option sleep_blocks=(start, stop), as the
+        paper does for its pretrained Jet-Nemotron (the middle 14 of 28 blocks)."""
+        return range(*(self.config.sleep_blocks or (0, len(self.blocks))))
+
+    def run_blocks(self, h, pos, state, blocks, context):
+        """h (B, t, C) through the blocks in range `blocks`, block i from context[i] and state.S[i].
+        Returns h and the state with those blocks' S and extended context."""
+        S, extended = list(state.S), list(state.context)
+        for i in blocks:
+            h, S[i], extended[i] = self.blocks[i](h, pos, context[i], S[i], state.span)
+        return h, replace(state, S=S, context=extended)
+
+    def head(self, h):
+        """Logits, in float32 (float64 for a float64 model) even under bf16 autocast."""
+        return self.lm_head(self.norm_f(h)).to(state_dtype(h))
+
+    def initial_state(self, batch_size, window, eviction):
+        """Algorithm 1, step 1: S = 0 in every GDN block, and nothing before the first window."""
+        w = self.wte.weight
+        context = [b.mixer.empty_context(batch_size, w.device, w.dtype) for b in self.blocks]
+        S = [None if b.kind == "A" else w.new_zeros(batch_size, b.mixer.n_head, b.mixer.head_dim, b.mixer.head_dim,
+                                                    dtype=state_dtype(w)) for b in self.blocks]
+        return SleepState(S, context, context, window, eviction)
 
     def resolve(self, sleep_passes=None, window=None, eviction=None):
         """Per-call overrides of N, L and eviction, checked like the config."""
@@ -396,102 +500,10 @@ class SleepLM(nn.Module):
         check_choice("eviction", eviction, EVICTIONS)
         return N, L, eviction
 
-    def empty_state(self, batch_size, device=None, dtype=None):
-        """(context, S) at the start of a sequence: empty contexts, S = 0 in every GDN block."""
-        device = device or self.wte.weight.device
-        dtype = dtype or self.wte.weight.dtype
-        context = [b.mixer.empty_context(batch_size, device, dtype) for b in self.blocks]
-        S = [None if b.kind == "A" else torch.zeros(batch_size, b.mixer.n_head, b.mixer.head_dim, b.mixer.head_dim,
-                                                    device=device, dtype=state_dtype(self.wte.weight))
-             for b in self.blocks]
-        return context, S
-
-    def block_pass(self, h, pos, context, S, span, blocks=None):
-        """One pass of the blocks in range `blocks` (default: all) over h (B, T, C) at positions pos (T,), from
-        per-block context and S. Returns h, S and the extended contexts (a block that did not run keeps its own)."""
-        S, extended = list(S), list(context)
-        for i in range(len(self.blocks)) if blocks is None else blocks:
-            h, S[i], extended[i] = self.blocks[i](h, pos, context[i], S[i], span)
-        return h, S, extended
-
-    def looped_blocks(self):
-        """The blocks that the sleep passes run again: range(start, stop) of config.sleep_blocks."""
-        return range(*(self.config.sleep_blocks or (0, len(self.blocks))))
-
-    def wake_pass(self, embeddings, pos, context, S, span):
-        """Pass 1, every block once. Returns the output features, S and the extended context, and
-        what the sleep passes start from: the looped blocks' input (for input injection) and output."""
-        loop = self.looped_blocks()
-        h, S, extended = self.block_pass(embeddings, pos, context, S, span, range(loop.start))
-        loop_input = h
-        h, S, extended = self.block_pass(h, pos, extended, S, span, loop)
-        out, S, extended = self.block_pass(h, pos, extended, S, span, range(loop.stop, len(self.blocks)))
-        return out, S, extended, loop_input, h
-
-    def sleep_pass(self, h, loop_input, pos, context, S, extended, span):
-        """One sleep pass: the looped blocks again, on their own previous output h, from the window's
-        starting context and the current S. The other blocks keep their S and extended context."""
-        loop = self.looped_blocks()
-        if self.config.input_injection:
-            h = h + loop_input
-        h, S, looped = self.block_pass(h, pos, context, S, span, loop)
-        return h, S, extended[:loop.start] + looped[loop.start:loop.stop] + extended[loop.stop:]
-
-    def evict(self, extended, window, eviction):
-        """What survives a window boundary: under hard eviction nothing but S (handled by the caller);
-        under sliding eviction the newest window - 1 attention entries and the conv windows."""
-        if eviction == "none":
-            return list(extended)
-        kept = []
-        for block, ext in zip(self.blocks, extended):
-            if block.kind == "G":
-                kept.append(ext if eviction == "sliding" else torch.zeros_like(ext))
-            else:
-                k, v, pos = ext
-                start = max(k.shape[2] - (window - 1 if eviction == "sliding" else 0), 0)
-                kept.append((k[:, :, start:], v[:, :, start:], pos[start:]))
-        return kept
-
-    def head(self, h):
-        """Logits, in float32 (float64 for a float64 model) even under bf16 autocast."""
-        return self.lm_head(self.norm_f(h)).to(state_dtype(h))
-
-    def process_window(self, idx, pos, context, S, passes, span, untracked=0):
-        """One window of algorithm1: embed once, then `passes` passes. Pass 1 (wake) runs every block;
-        passes 2..N the looped blocks (config.sleep_blocks, all by default) on their previous output.
-        Truncated backprop: the first `untracked` passes (a Python int) run without gradient and are
-        reconnected straight-through (their values, the identity in backward). Returns the wake logits,
-        the final S and the extended context (of the last pass for looped blocks, of pass 1 for the others)."""
-        embeddings = self.wte(idx)
-        S_in = S
-        with torch.no_grad() if untracked else contextlib.nullcontext():
-            out, S, extended, loop_input, h = self.wake_pass(embeddings, pos, context, S, span)
-            wake_logits = self.head(out)
-            for _ in range(untracked - 1):
-                h, S, extended = self.sleep_pass(h, loop_input, pos, context, S, extended, span)
-        if untracked:   # straight-through: untracked values, identity gradient
-            h, loop_input = (embeddings + (x - embeddings).detach() for x in (h, loop_input))
-            S = [s if s is None else s_in + (s - s_in).detach() for s_in, s in zip(S_in, S)]
-        for _ in range(passes - max(untracked, 1)):   # the tracked sleep passes
-            h, S, extended = self.sleep_pass(h, loop_input, pos, context, S, extended, span)
-        # Logits of a consolidation window are never trained on: keep them out of the graph.
-        return (wake_logits if passes == 1 else wake_logits.detach()), S, extended
-
-    def forward(self, idx, targets=None, *, sleep_passes=None, window=None, eviction=None):
-        """algorithm1 with the options: eviction (hard, sliding, none), sleep_blocks, bptt_passes,
-        checkpoint_windows, input_injection, and N, L, eviction per call. idx, targets: (B, T), targets -1
-        where there is nothing to predict; without targets every window but the last is consolidated.
-        Returns logits (B, T, V), from the wake pass (pass 1) of every window, and the loss (or None)."""
-        N, L, eviction = self.resolve(sleep_passes, window, eviction)
-        consolidate = self.plan_windows(idx, targets, None if eviction == "none" else L)
-        if eviction == "none":   # one window, one pass
-            L, N = idx.shape[1], 1
-        return self.run_windows(idx, targets, consolidate, N, L, eviction)
-
     @torch.compiler.disable   # reads tensor values: a compiled forward runs this eagerly, then one graph
     def plan_windows(self, idx, targets, L):
         """Check idx and targets; return, per window of L tokens (None: one window), whether it is a
-        consolidation window: a tuple of Python bools, so that run_windows branches on no tensor value."""
+        consolidation window: a tuple of Python bools, so that the window loop branches on no tensor value."""
         check_tokens("idx", idx, self.config.vocab_size)
         T = idx.shape[1]
         L = L or T
@@ -501,36 +513,6 @@ class SleepLM(nn.Module):
         no_answer = torch.stack([(targets[:, s:s + L] < 0).all(dim=1) for s in range(0, T, L)]).tolist()  # (windows, B)
         check_windows_line_up(no_answer, L, T)
         return tuple(rows[0] for rows in no_answer)
-
-    def run_windows(self, idx, targets, consolidate, N, L, eviction):
-        """The window loop of forward, on checked inputs: consolidate[w] says whether window w sleeps.
-        Branches on Python values only, so torch.compile(fullgraph=True) takes it as one graph."""
-        B, T = idx.shape
-        span = L if eviction != "none" else float("inf")
-        bptt = self.config.bptt_passes
-        context, S = self.empty_state(B, idx.device)
-        all_logits, predicted_logits, predicted_targets = [], [], []
-        for w, start in enumerate(range(0, T, L)):
-            passes = N if consolidate[w] else 1
-            # Truncated backprop: passes without gradient, a Python int (a compiled process_window
-            # must not switch grad mode on a symbolic value).
-            untracked = max(passes - bptt, 0) if bptt and torch.is_grad_enabled() else 0
-            pos = torch.arange(start, min(start + L, T), device=idx.device)
-            args = (idx[:, start:start + L], pos, context, S, passes, span, untracked)
-            if self.config.checkpoint_windows and torch.is_grad_enabled():
-                logits, S, extended = checkpoint(self.process_window, *args, use_reentrant=False)
-            else:
-                logits, S, extended = self.process_window(*args)
-            context = self.evict(extended, L, eviction)   # features and KV of this window are gone
-            all_logits.append(logits)
-            if targets is not None and not consolidate[w]:
-                predicted_logits.append(logits)
-                predicted_targets.append(targets[:, start:start + L])
-        logits = torch.cat(all_logits, dim=1)
-        if targets is None:
-            return logits, None
-        pl, pt = torch.cat(predicted_logits, dim=1), torch.cat(predicted_targets, dim=1)
-        return logits, F.cross_entropy(pl.flatten(0, 1), pt.flatten(), ignore_index=-1)
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -567,88 +549,73 @@ class SleepLM(nn.Module):
 
 
 class SleepCache:
-    """Everything a streaming SleepLM remembers, and the three things that happen to it.
+    """A streaming SleepLM: forward's steps (wake_pass, sleep_pass, SleepState.evict), taken as tokens arrive.
 
-    S               per GDN block, the fast weights: zero at reset, the only memory under hard eviction
-    context         per block, what the next token may see: attention KV, conv windows
-    window_context  the context as it was when the current window began (the sleep passes start from it)
-    features        the looped blocks' wake-pass output for the current window's tokens (B, <= L, C)
-    loop_inputs     the looped blocks' wake-pass input (the token embeddings by default), for input injection
-
-    wake(idx)   one pass over new tokens of the current window; returns their logits
-    sleep()     the remaining N - 1 passes of the looped blocks over the window (pass 1 was the wake pass)
-    evict()     drop the window's KV and features; keep S (and, sliding, the newest L - 1 tokens)
-    Memory is bounded by the window (unless eviction is "none"). CompiledSleepCache (end of file): the same,
-    one-token step compiled.
+    state                  the SleepState: per block S, the context so far and at the window's start
+    features, loop_inputs  the looped blocks' wake-pass output and input for the window's tokens so far
+    wake(idx) the wake pass over new tokens (their logits); sleep() passes 2..N over the full window; evict()
+    drops the window's KV and features. Memory is bounded by the window (unless eviction is "none").
+    CompiledSleepCache (end of file): the same, its one-token step compiled.
     """
 
     def __init__(self, model, batch_size, *, sleep_passes=None, window=None, eviction=None):
-        self.model = model
-        self.batch_size = batch_size
+        self.model, self.batch_size = model, batch_size
         self.sleep_passes, self.window, self.eviction = model.resolve(sleep_passes, window, eviction)
-        self.span = self.window if self.eviction != "none" else float("inf")
         self.reset()
 
     def reset(self):
-        self.context, self.S = self.model.empty_state(self.batch_size)
-        self.context = self.window_context = self.fixed_context(self.context)
-        self.features, self.loop_inputs = [], []
-        self.pos = 0            # absolute position of the next token
-        self.window_start = 0
+        self.pos = 0   # absolute position of the next token
+        self.start_window(self.model.initial_state(self.batch_size, self.window, self.eviction))
+
+    def start_window(self, state):
+        context = self.fixed_context(state.context)
+        self.state = replace(state, context=context, window_context=context)
+        self.features, self.loop_inputs, self.window_start = [], [], self.pos
 
     def fixed_context(self, context):
         """The context as the cache keeps it: as it is (CompiledSleepCache pads it to a fixed shape)."""
         return context
 
-    def window_length(self):
-        return self.pos - self.window_start
+    def room(self):
+        """How many more tokens the current window takes."""
+        return self.window - (self.pos - self.window_start)
 
     def wake(self, idx):
-        """One ordinary pass over idx (B, t), which must fit in the current window."""
-        if self.eviction != "none" and self.window_length() + idx.shape[1] > self.window:
-            raise ValueError(f"wake got {idx.shape[1]} tokens but only {self.window - self.window_length()} fit "
-                             f"in the window")
+        """The wake pass over idx (B, t), which must fit in the current window; returns its logits (B, t, V)."""
+        if self.eviction != "none" and idx.shape[1] > self.room():
+            raise ValueError(f"wake got {idx.shape[1]} tokens but only {self.room()} fit in the window")
         pos = torch.arange(self.pos, self.pos + idx.shape[1], device=idx.device)
-        logits, self.S, self.context, loop_input, h = self.wake_step(idx, pos, self.context, self.S)
+        logits, loop_input, h, self.state = self.wake_step(idx, pos, self.state)
         if self.eviction != "none":
             self.features.append(h)
             self.loop_inputs.append(loop_input)
         self.pos += idx.shape[1]
         return logits
 
-    def wake_step(self, idx, pos, context, S):
-        """The wake pass over idx at positions pos: logits, S, context, and the looped blocks' input and
-        output features."""
-        out, S, context, loop_input, h = self.model.wake_pass(self.model.wte(idx), pos, context, S, self.span)
-        return self.model.head(out), S, self.fixed_context(context), loop_input, h
+    def wake_step(self, idx, pos, state):
+        out, loop_input, h, state = self.model.wake_pass(self.model.wte(idx), pos, state)
+        return self.model.head(out), loop_input, h, replace(state, context=self.fixed_context(state.context))
 
     def sleep(self):
-        """Passes 2..N of the looped blocks over the full window, from the window's starting context
-        and the current S."""
+        """Passes 2..N over the full window, from its starting context and the current S."""
         h, loop_input = torch.cat(self.features, dim=1), torch.cat(self.loop_inputs, dim=1)
         pos = torch.arange(self.window_start, self.pos, device=h.device)
         for _ in range(self.sleep_passes - 1):
-            h, self.S, self.context = self.model.sleep_pass(h, loop_input, pos, self.window_context, self.S,
-                                                            self.context, self.span)
+            h, self.state = self.model.sleep_pass(h, loop_input, pos, self.state)
 
     def evict(self):
-        self.context = self.fixed_context(self.model.evict(self.context, self.window, self.eviction))
-        self.window_context = self.context
-        self.features, self.loop_inputs = [], []
-        self.window_start = self.pos
+        self.start_window(self.state.evict())
 
     def feed(self, idx):
         """Read idx (B, T) in order: wake, and sleep + evict each time the window fills.
         Returns the wake logits (B, T, V): equal to SleepLM.forward's on the same sequence."""
         check_tokens("idx", idx, self.model.config.vocab_size)
-        logits = []
-        start = 0
+        logits, start = [], 0
         while start < idx.shape[1]:
-            room = idx.shape[1] - start if self.eviction == "none" else self.window - self.window_length()
-            piece = idx[:, start:start + room]
-            logits.append(self.wake(piece))
-            start += piece.shape[1]
-            if self.eviction != "none" and self.window_length() == self.window:
+            room = idx.shape[1] - start if self.eviction == "none" else self.room()
+            logits.append(self.wake(idx[:, start:start + room]))
+            start += room
+            if self.eviction != "none" and self.room() == 0:
                 self.sleep()
                 self.evict()
         return torch.cat(logits, dim=1)
@@ -728,10 +695,32 @@ def check_windows_line_up(no_answer, L, T):
 
 
 # -----------------------------------------------------------------------------
-# Fast paths: the same numbers as the code above, faster. Skip on first read. (train.py --compile
-# compiles SleepLM.process_window; its test compares it with eager: test_compiled_model_matches_eager_...)
+# Fast paths: the same computation as the plain forms above, faster. Skip on first read. FAST_PATHS picks two
+# in the reading path (the GDN conv, the chunkwise rule's solve; equal to the plain forms up to rounding:
+# test_fast_paths_match_the_plain_forms). train.py --compile compiles SleepLM.process_window
+# (test_compiled_model_matches_eager_...); CompiledSleepCache compiles the one-token wake step.
 
+FAST_PATHS = True   # False: the plain F.conv1d and solve_triangular (slower on CPU)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the torch.compile modes that replay CUDA graphs
+
+
+def fast_causal_conv(padded, weight):
+    """The GDN's depthwise causal conv as K shifted multiply-adds (F.conv1d with a group per channel, and
+    much faster than it on CPU at these sizes). padded (B, K - 1 + T, C), weight (C, 1, K) -> (B, T, C)."""
+    K = weight.shape[-1]
+    T = padded.shape[1] - (K - 1)
+    weight = weight[:, 0, :].to(padded.dtype)                                # (C, K)
+    out = padded[:, -T:] * weight[:, -1]
+    for i in range(K - 1):
+        out = torch.addcmul(out, padded[:, i:i + T], weight[:, i])            # out += shifted * w_i
+    return out
+
+
+def fast_solve_unit_lower(A, rhs):
+    """solve_triangular(A, rhs, upper=False, unitriangular=True) solved as X^T A^T = rhs^T: the same system,
+    but LAPACK then gets row-major operands without copies, which makes the solve and its backward much
+    faster on CPU."""
+    return torch.linalg.solve_triangular(A.mT, rhs.mT, upper=True, left=False, unitriangular=True).mT
 
 
 class CompiledSleepCache(SleepCache):
@@ -749,15 +738,18 @@ class CompiledSleepCache(SleepCache):
             self.compiled_step = torch.compile(self.eager_step, mode=compile_mode, fullgraph=True, dynamic=False)
             self.reset()
 
-    def eager_step(self, idx, pos, context, S):
-        return SleepCache.wake_step(self, idx, pos, context, S)
+    def eager_step(self, idx, pos, state):
+        return SleepCache.wake_step(self, idx, pos, state)
 
-    def wake_step(self, idx, pos, context, S):
+    def wake_step(self, idx, pos, state):
         if not self.compile_mode or idx.shape[1] != 1:
-            return self.eager_step(idx, pos, context, S)
+            return self.eager_step(idx, pos, state)
         if self.compile_mode in CUDA_GRAPH_MODES:      # a new step: the replay overwrites its outputs,
             torch.compiler.cudagraph_mark_step_begin()   # so they are cloned
-        return tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, self.compiled_step(idx, pos, context, S))
+        logits, loop_input, h, state = self.compiled_step(idx, pos, state)
+        logits, loop_input, h, S, context = tree_map(lambda x: x.clone() if torch.is_tensor(x) else x,
+                                                     (logits, loop_input, h, state.S, state.context))
+        return logits, loop_input, h, replace(state, S=S, context=context)
 
     def fixed_context(self, context):
         """Each attention context as its newest L - 1 entries, padded in front with zero entries at

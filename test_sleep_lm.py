@@ -8,6 +8,7 @@ On a machine with CUDA the parity and training tests also run on the GPU.
 """
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 import data
 import probe
+import sleep_lm
 import train
 from sleep_lm import CompiledSleepCache, SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
 
@@ -351,9 +353,35 @@ def test_initial_weights_follow_the_init_table():
             assert p.abs().max() <= math.sqrt(3 / fan_in) and 0.8 < p.std() * math.sqrt(fan_in) < 1.2, name
 
 
-def test_algorithm1_is_forward_with_the_default_options():
-    # SleepLM.algorithm1, the plain form a reader starts with, against forward (logits, loss, gradients):
-    # two consolidation windows, a prediction window with a gap in its answers, and a partial window.
+def algorithm1(model, idx, targets):
+    """The paper's Algorithm 1 written from its steps (hard eviction, every block sleeps, full backprop),
+    from the model's blocks, embedding and head only: an independent reference for SleepLM.forward."""
+    N, L = model.config.sleep_passes, model.config.window
+    S = [None if block.kind == "A" else torch.zeros(idx.shape[0], block.mixer.n_head, block.mixer.head_dim,
+                                                      block.mixer.head_dim, dtype=torch.float64)
+         for block in model.blocks]                      # 1. S = 0
+    logits, predicted = [], []
+    for start in range(0, idx.shape[1], L):              # 2. windows of L tokens
+        x, y = idx[:, start:start + L], targets[:, start:start + L]
+        pos = torch.arange(start, start + x.shape[1])
+        consolidate = bool((y < 0).all())
+        h = model.wte(x)                                 # embed once
+        for p in range(N if consolidate else 1):         # 3. N passes (consolidation) or one (prediction)
+            for i, block in enumerate(model.blocks):     # each pass: only this window, from the previous S
+                h, S[i], _ = block(h, pos, block.mixer.empty_context(x.shape[0], "cpu", h.dtype), S[i], L)
+            if p == 0:
+                logits.append(model.head(h))             # the wake pass is what the model predicts from
+        if not consolidate:
+            predicted.append((logits[-1], y))
+        # 4. evict: nothing but S goes on
+    loss = torch.nn.functional.cross_entropy(torch.cat([z for z, _ in predicted], 1).flatten(0, 1),
+                                             torch.cat([y for _, y in predicted], 1).flatten(), ignore_index=-1)
+    return torch.cat(logits, dim=1), loss
+
+
+def test_forward_is_algorithm1_written_from_the_paper():
+    # Logits, loss and gradients over two consolidation windows, a prediction window with a gap in its
+    # answers, and a partial window.
     model = tiny_model(sleep_passes=3, layers="AGAG")
     x = tokens(3, 30)
     y = torch.full_like(x, -1)
@@ -361,7 +389,7 @@ def test_algorithm1_is_forward_with_the_default_options():
     y[:, 18] = -1
     y[:, 28:] = tokens(3, 2, seed=3)
     results = []
-    for run in (model.algorithm1, model):
+    for run in (lambda x, y: algorithm1(model, x, y), model):
         model.zero_grad()
         logits, loss = run(x, y)
         loss.backward()
@@ -390,8 +418,8 @@ def test_one_pass_with_sliding_eviction_is_the_plain_sliding_window_hybrid(devic
     x = tokens(2, 29, device=device)
     with autocast(device, precision):
         logits, _ = model(x, sleep_passes=1, eviction="sliding")
-        context, S = model.empty_state(2)
-        h, _, _ = model.block_pass(model.wte(x), torch.arange(29, device=device), context, S, span=model.config.window)
+        state = model.initial_state(2, model.config.window, "sliding")   # attention sees the last L positions
+        h, _, _, _ = model.wake_pass(model.wte(x), torch.arange(29, device=device), state)   # every block once
         plain = model.head(h)
     assert_close(logits, plain, *TOLERANCE[precision]["model"], what="windowed N=1 vs one plain pass")
 
@@ -529,7 +557,8 @@ def test_sleep_passes_rerun_only_the_sliced_blocks_on_their_own_output():
         hook.remove()
     assert calls == [2, 4, 4, 2], "block calls in (consolidation + prediction) windows"
     blocks, pos, span = model.blocks, torch.arange(8), 8
-    context, S = model.empty_state(2)
+    state = model.initial_state(2, span, "hard")
+    context, S = state.context, list(state.S)
     h, S[0], _ = blocks[0](model.wte(x[:, :8]), pos, context[0], S[0], span)
     loop_input = h
     for n in range(3):
@@ -539,7 +568,9 @@ def test_sleep_passes_rerun_only_the_sliced_blocks_on_their_own_output():
             h, S[i], _ = blocks[i](h, pos, context[i], S[i], span)
         if n == 0:
             _, S[3], _ = blocks[3](h, pos, context[3], S[3], span)
-    h, _, _ = model.block_pass(model.wte(x[:, 8:]), torch.arange(8, 16), context, S, span)
+    h = model.wte(x[:, 8:])
+    for i, block in enumerate(blocks):
+        h, S[i], _ = block(h, torch.arange(8, 16), context[i], S[i], span)
     assert_close(logits[:, 8:], model.head(h), what="prediction window after a sliced sleep, by hand")
     whole_stack = tiny_model(sleep_passes=3, input_injection=True)(x, y)[1]
     assert (loss - whole_stack).abs() > 1e-8, "looping a slice should change the loss"
@@ -551,6 +582,28 @@ def test_input_injection_changes_sleep_but_not_the_wake_pass():
     a, b = plain(x)[0], injected(x)[0]
     assert_close(b[:, :8], a[:, :8], what="first window (wake pass, same weights)")
     assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-6, "injection should change what sleep writes into S"
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_fast_paths_match_the_plain_forms(eviction, monkeypatch):
+    # sleep_lm.FAST_PATHS picks the GDN conv (K shifted multiply-adds or F.conv1d) and the chunkwise rule's
+    # triangular solve (transposed or plain): logits, loss and gradients must agree either way. Windows of 11
+    # over chunks of 4: padded chunks; three windows: S and (sliding) conv windows carried over.
+    x = tokens(2, 30)
+    y = torch.full_like(x, -1)
+    y[:, 24:] = x[:, 24:]
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(sleep_lm, "FAST_PATHS", fast)
+        model = tiny_model(window=11, eviction=eviction)
+        logits, loss = model(x, y)
+        loss.backward()
+        results.append((logits.detach(), loss.detach(), [p.grad for p in model.parameters()]))
+    (logits, loss, grads), (plain_logits, plain_loss, plain_grads) = results
+    assert_close(logits, plain_logits, what="logits")
+    assert_close(loss, plain_loss, what="loss")
+    for (name, _), g, expected in zip(model.named_parameters(), grads, plain_grads):
+        assert_close(g, expected, what=f"gradient of {name}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -593,7 +646,7 @@ def test_cache_holds_exactly_the_current_window_and_the_kept_context(eviction, s
         cache.feed(tokens(1, 1, seed=n))
         in_window = n % L                                # 0: a full window was just slept on and evicted
         kept = min(L - 1, n - in_window) if eviction == "sliding" else 0   # what the last eviction kept
-        for ctx, block in zip(cache.context, model.blocks):
+        for ctx, block in zip(cache.state.context, model.blocks):
             if block.kind == "A":
                 assert ctx[0].shape[2] == ctx[1].shape[2] == kept + in_window, f"attention entries after {n} tokens"
                 assert ctx[2].tolist() == list(range(n - kept - in_window, n)), "the newest positions are kept"
@@ -643,7 +696,7 @@ def test_generate_long_random_stream_stays_finite():
     cache = SleepCache(model, 1)
     logits = cache.feed(prompt)
     assert torch.isfinite(logits).all()
-    assert all(torch.isfinite(s).all() for s in cache.S if s is not None)
+    assert all(torch.isfinite(s).all() for s in cache.state.S if s is not None)
     out = model.generate(prompt[:, :100], max_new_tokens=20, top_k=5)   # multinomial fails on NaN
     assert out.shape == (1, 120) and out.min() >= 0 and out.max() < 13
 
@@ -718,35 +771,36 @@ def test_compiled_one_token_wake_has_static_shapes_and_matches_the_eager_cache(e
         streamed = torch.cat([fast.feed(x[:, :5])] + [fast.feed(x[:, t:t + 1]) for t in range(5, 29)], dim=1)
     assert_close(streamed, expected, what="static-shape compiled wake vs the eager cache")
     assert len(compiles) == 1, f"{len(compiles)} graphs: the one-token step changed shape"
-    for ctx, block in zip(fast.context, model.blocks):
+    for ctx, block in zip(fast.state.context, model.blocks):
         if block.kind == "A":
             assert ctx[0].shape[2] == model.config.window - 1
 
 
 @slow
-def test_compiled_model_matches_eager_loss_and_gradients():
+def test_compiled_model_matches_eager_loss_and_gradients(monkeypatch):
     # aot_eager_decomp_partition: dynamo + AOT autograd, run eagerly, no C++ compiler. Plain aot_eager
     # fails in backward on this model with torch 2.13 (eager softplus_backward returns other strides
     # than the traced graph assumes, "view size is not compatible"); inductor compiles it.
-    # train.py --compile compiles each window (process_window) with fullgraph=True, and the whole window
-    # loop (run_windows) must compile as one graph too: fullgraph fails on any graph break, which would
-    # cost a device sync per window on CUDA and split its CUDA graphs. forward adds only the eager
-    # checks (plan_windows) in front of the loop. The loop's graph runs on dynamo's "eager" backend:
-    # a graph break fails there just as well, in half the time of the test.
+    # train.py --compile compiles each window (process_window) with fullgraph=True, and forward's window
+    # loop must compile as one graph too: fullgraph fails on any graph break, which would cost a device
+    # sync per window on CUDA and split its CUDA graphs. Only forward's eager input checks
+    # (plan_windows) stay outside; here they run once, up front. The loop's graph runs on dynamo's
+    # "eager" backend: a graph break fails there just as well, in half the time of the test.
     model = tiny_model(dtype=torch.float32, layers="AG", gdn_chunk_size=8)
     compiled = train.compiled_for_training(model, backend="aot_eager_decomp_partition")
     assert "process_window" not in vars(model), "the model itself stays eager (evaluation uses it)"
-    loop = torch.compile(model.run_windows, backend="eager", fullgraph=True)
     x = tokens(2, 16)                                    # a consolidation window, then a prediction window
     y = torch.full_like(x, -1)
     y[:, -3:] = x[:, -3:]
     plan = model.plan_windows(x, y, model.config.window)
     assert plan == (True, False)
+    loop = copy.copy(model)                              # the same parameters, its input checks done above
+    monkeypatch.setattr(loop, "plan_windows", lambda *args: plan)
+    loop = torch.compile(loop, backend="eager", fullgraph=True)
     for N, bptt_passes in ((1, None), (2, None), (2, 1)):
         model.config.bptt_passes = bptt_passes
         results = []
-        for forward in (model, compiled,
-                        lambda x, y, sleep_passes: loop(x, y, plan, sleep_passes, model.config.window, "hard")):
+        for forward in (model, compiled, loop):
             model.zero_grad()
             loss = forward(x, y, sleep_passes=N)[1]
             loss.backward()
@@ -2010,13 +2064,14 @@ def test_probe_collects_after_the_last_pass_the_s_that_forward_carries_into_the_
     process_window = model.process_window
 
     def recording(*args, **kwargs):                         # forward's own windows, S as it leaves each
-        logits, S, extended = process_window(*args, **kwargs)
-        carried_by_forward.append(S)
-        return logits, S, extended
+        logits, state = process_window(*args, **kwargs)
+        carried_by_forward.append(state.S)
+        return logits, state
 
     model.process_window = recording
     with torch.no_grad():
         model(idx, targets)
+    del model.process_window                                # the model's own method again
     passes, carried = probe.collect_states(model, idx, targets, windows=[0, 1, 2], blocks=[1, 3], batch_size=2)
 
     def flat(S):
