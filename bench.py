@@ -58,7 +58,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import PAPER_BATCH_SIZE, make_task
 from sleep_lm import CUDA_GRAPH_MODES, CompiledSleepCache, SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
-from train import PRESETS, autocast, compiled_for_training, configure_optimizers
+from runs import autocast, compiled_for_training
+from train import PRESETS, configure_optimizers
 
 # Width, batch sizes and optimizer of train.py's PRESETS[(task, "cpu")], with the paper's 4-layer AGAG
 # stack (the cpu training presets use 2 layers, AG) so that "hybrid vs attention-only" compares 4 layers.
