@@ -90,7 +90,8 @@ class ProbeConfig:
     max_names: int = 32          # depo: probe the names most often in the fit split's graphs, at most this many
     seed: int = 0                # the split of the examples and the shuffle of the control
     batch_size: int = 256        # examples per forward pass
-    device: str = "cpu"          # cpu, cuda, mps or auto
+    device: str = "auto"         # auto (cuda, then mps, then cpu), cpu, cuda or mps
+    threads: int = 1             # CPU threads (torch's default of one per core stalls when other work holds a core)
     md: str = "out/probe/probe.md"    # where the tables are written (also printed)
     png: str = "out/probe/probe.png"  # where the heatmaps are drawn (needs matplotlib); "" = none
 
@@ -133,6 +134,8 @@ def check_config(cfg):
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
     if cfg.block != "all" and not cfg.block.isdigit():
         raise ValueError(f"--block must be all or the index of a GDN block (0, 1, ...), got {cfg.block!r}")
     runs.pick_device(cfg.device)
@@ -653,14 +656,16 @@ def check_same_task(cfg):
 
 def main(argv, log=print):
     """Probe --out_dir (and --compare), print and write the tables, draw the heatmaps. Returns the summaries."""
+    runs.line_buffered()                 # as train.py: each line as it is printed, also into a file or a pipe
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return None
     cfg = parse_args(argv)
     if cfg.compare:
         check_same_task(cfg)
-    if torch.device(runs.pick_device(cfg.device)).type == "cpu":
-        torch.set_flush_denormal(True)   # as train.py: denormal decay products are very slow on a CPU
+    device = runs.setup_device(cfg.device, cfg.threads)   # as train.py: the device, and on the CPU its threads
+    threads = torch.get_num_threads()
+    log(f"probe: device {device}" + (f", {threads} thread{'s' if threads > 1 else ''}" if device == "cpu" else ""))
     summaries = [probe_run(out_dir, cfg, log) for out_dir in [cfg.out_dir] + ([cfg.compare] if cfg.compare else [])]
     text = "\n".join(markdown(s) for s in summaries)
     log(text)

@@ -2118,6 +2118,41 @@ def test_probe_refuses_bad_input_with_a_value_error_naming_the_setting(probe_run
         probe.main([f"--out_dir={run}", "--examples=32", "--md=", "--png="] + argv, log=lambda *a: None)
 
 
+def run_redirected(argv, out, err):
+    """`python ARGV` as a user runs it with its output redirected to a file: no PYTHONUNBUFFERED, and no
+    OMP_NUM_THREADS (torch's own default would then be one thread per core). Returns the first text found
+    in the file while the process still ran ("" if none), once it has ended (exit 0)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen([sys.executable, *argv], cwd=HERE, env=env, stdout=stdout, stderr=stderr)
+    seen, deadline = "", time.monotonic() + 900                  # a hang guard only
+    try:
+        while time.monotonic() < deadline:
+            text = out.read_text()
+            if process.poll() is not None:
+                break
+            seen = seen or text                                   # read before the process was seen running
+            time.sleep(0.02)
+        assert process.wait(timeout=60) == 0, err.read_text()[-3000:]
+    finally:
+        process.kill()
+    return seen
+
+
+@slow
+@pytest.mark.parametrize("tool", ["probe", "bench"])
+def test_probe_and_bench_use_one_thread_and_print_each_line_as_it_comes_into_a_file(probe_runs, tmp_path, tool):
+    argv = {"probe": ["probe.py", f"--out_dir={probe_runs['rule110']}", "--examples=256", "--device=cpu",
+                      f"--md={tmp_path / 'probe.md'}", "--png="],
+            "bench": ["bench.py", "--quick", "--device=cpu", "--only=rule,train"]}[tool]
+    out = tmp_path / "out.txt"
+    seen = run_redirected(argv, out, tmp_path / "err.txt")
+    final = out.read_text()
+    # block-buffered, the whole output (a few KB) would reach the file only when the process ends
+    assert seen.count("\n") >= 1 and final.startswith(seen) and final.count("\n") > seen.count("\n"), (seen, final)
+    assert re.search(r"\b1 threads?\b", final.splitlines()[0]), final.splitlines()[0]   # not torch's one per core
+
+
 # ----------------------------------------------------------------------------------------------------
 # scripts/fig2.py: the grid of one model per t and N, as a table and a figure
 
