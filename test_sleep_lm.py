@@ -1,4 +1,4 @@
-"""Tests for sleep-lm, in the order of the files they check: sleep_lm.py, data.py, train.py, bench.py,
+"""Tests for sleep-lm, in the order of the files they check: sleep_lm.py, data.py, train.py (with runs.py), bench.py,
 probe.py, scripts/, then the commands of README.md and docs/.
 
     python -m pytest -q test_sleep_lm.py            everything (what CI runs): about 77 s on 2 idle CPU cores
@@ -1675,7 +1675,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------
-# train.py: the command line
+# train.py and runs.py: the command line
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -1766,7 +1766,7 @@ def test_the_saved_n_is_a_trained_one_and_baselines_run_with_the_n_they_need():
 
 
 # ----------------------------------------------------------------------------------------------------
-# train.py: checkpoints, resume rules, a trained run
+# train.py and runs.py: checkpoints, resume rules, a trained run
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1838,7 +1838,7 @@ def test_init_from_loads_the_weights_only_and_refuses_another_model(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# train.py: sweeps, side-by-side runs and several processes
+# train.py and runs.py: sweeps, side-by-side runs and several processes
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -2116,6 +2116,10 @@ def test_probe_refuses_bad_input_with_a_value_error_naming_the_setting(probe_run
     argv = [a.replace("=depo", f"={probe_runs['depo']}") for a in argv]
     with pytest.raises(FileNotFoundError if "ckpt.pt" in message else ValueError, match=message):
         probe.main([f"--out_dir={run}", "--examples=32", "--md=", "--png="] + argv, log=lambda *a: None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# probe.py and bench.py: threads and output as train.py's (runs.py)
 
 
 def run_redirected(argv, out, err):
