@@ -9,7 +9,7 @@ train.py is the file to read; this one holds what it calls for everything around
   2. the command line: --key=value settings with a did-you-mean for typos (parse_args), their checks,
      --help, the run folder's name
   3. checkpoints: save, load, the resume rules (what --resume and --eval_only may change), load_run
-  4. Ctrl-C: stop after the current step and save a checkpoint
+  4. the log lines, Ctrl-C (stop after the current step and save a checkpoint) and errors as one line
   5. sweeps: one model per N (and seed), trained one after another or side by side, then a results
      table (results.md, results.json) and a plot
 
@@ -53,7 +53,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 def line_buffered():
     """Print each line as it comes, also into a file or a pipe (Python buffers 8 KiB there by default)."""
-    if hasattr(sys.stdout, "reconfigure"):   # not a console or a file in a notebook: it has its own rules
+    if hasattr(sys.stdout, "reconfigure"):   # a notebook's stdout has none (and buffering of its own)
         sys.stdout.reconfigure(line_buffering=True)
 
 
