@@ -5,13 +5,13 @@ bench.py: how fast sleep-lm is, both halves: sleep (training through N passes) a
     python bench.py --quick             # tiny sizes, seconds (a test in test_sleep_lm.py runs this)
     python bench.py --device=cuda --json=bench.json --only=rule,wake
 
-Prints one markdown table. Every time is the median of --repeats runs after a warm-up, and every
-ratio compares numbers measured in the same run, interleaved round by round so that background load
-hits both sides alike. Float32 (on CUDA the training steps run under bf16 autocast, as train.py).
+Prints one markdown table, each section's rows as soon as they are measured. Every time is the median
+of --repeats runs after a warm-up, and every ratio compares numbers measured in the same run,
+interleaved round by round so that background load hits both sides alike. Float32 (on CUDA the training steps run under bf16 autocast, as train.py).
 Nothing here is a test: timings are never asserted.
-On a CPU shared with other jobs, run with --threads=1 (or OMP_WAIT_POLICY=PASSIVE): two spinning
-OpenMP threads that must meet at every op stall whenever the scheduler parks one of them, and a run
-can then take 100x longer.
+Devices, threads and output as train.py (runs.py): --device=auto picks cuda, then mps, then cpu; on
+the CPU one thread unless --threads=K (on a CPU shared with other jobs two spinning OpenMP threads that
+must meet at every op stall whenever the scheduler parks one of them, and a run can take 100x longer).
 
 What is measured:
   1. rule     the local rule (gated_delta_rule), forward + backward, B=4 H=4 Dk=Dv=64, T = 256, 1024,
@@ -58,7 +58,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import PAPER_BATCH_SIZE, make_task
 from sleep_lm import CUDA_GRAPH_MODES, CompiledSleepCache, SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
-from train import PRESETS, autocast, compiled_for_training, configure_optimizers
+from runs import autocast, compiled_for_training, line_buffered, setup_device
+from train import PRESETS, configure_optimizers
 
 # Width, batch sizes and optimizer of train.py's PRESETS[(task, "cpu")], with the paper's 4-layer AGAG
 # stack (the cpu training presets use 2 layers, AG) so that "hybrid vs attention-only" compares 4 layers.
@@ -88,13 +89,7 @@ TIMED_COMPILE_MODES = {"cuda": ("default", "reduce-overhead"), "cpu": ("default"
 SECTIONS = ("rule", "train", "wake", "memory", "compile", "paper")
 
 # -----------------------------------------------------------------------------
-# Devices, timing and the table.
-
-
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(name)
+# Timing and the table.
 
 
 def sync(device):
@@ -141,11 +136,10 @@ def format_value(r):
     return text
 
 
-def print_table(rows, header):
-    print(header)
-    print()
-    print("| section | setting | median | ratio | ratio is | target | MFU |")
-    print("|---|---|---|---|---|---|---|")
+TABLE_HEAD = "| section | setting | median | ratio | ratio is | target | MFU |\n|---|---|---|---|---|---|---|"
+
+
+def print_rows(rows):
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         target = ""
@@ -585,18 +579,25 @@ def fla_yardstick(inputs, setting, ours, device, repeats):
 
 
 def main():
+    line_buffered()   # as train.py: each line as it is printed, also into a file or a pipe
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats: checks that every row runs")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 5, quick 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1, as train.py: more stall when other work holds a core)")
     parser.add_argument("--only", default=None,
                         help=f"comma list of sections: {','.join(SECTIONS)} (default: all; paper only on CUDA)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for the MFU column (default: PEAK_TFLOPS by GPU name)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
-    device = pick_device(args.device)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    try:
+        device = torch.device(setup_device(args.device, args.threads))   # on the CPU: threads, denormals flushed
+    except ValueError as e:
+        parser.error(str(e))
     default = [s for s in SECTIONS if s != "paper" or device.type == "cuda"]
     sections = args.only.split(",") if args.only else default
     if set(sections) - set(SECTIONS):
@@ -606,40 +607,39 @@ def main():
     peak = peak_flops(device, args.peak_tflops)
     sizes = SIZES["quick" if args.quick else "full"]
     repeats = args.repeats or sizes["repeats"]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)   # exp-decay products go denormal; they make CPU math ~20x slower
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    header = (f"sleep-lm bench{' (--quick)' if args.quick else ''}: device {name}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, "
+              f"{'bf16 autocast in training rows' if device.type == 'cuda' else 'float32'}, "
+              f"median of {repeats}, peak {peak / 1e12 if peak else 'n/a'} TFLOP/s")
+    print(f"{header}\n\n{TABLE_HEAD}")
 
     started = time.perf_counter()
     rows = []
     for section in sections:
         print(f"bench: {section} ...", file=sys.stderr, flush=True)
         if section == "rule":
-            rows += bench_rule(sizes, device, repeats)
+            new = bench_rule(sizes, device, repeats)
         elif section == "train":
-            rows += bench_train(sizes, device, repeats, peak)
+            new = bench_train(sizes, device, repeats, peak)
         elif section == "wake":
-            rows += bench_wake(sizes, device, repeats)
+            new = bench_wake(sizes, device, repeats)
         elif section == "memory":
-            rows += bench_memory(sizes, device)
+            new = bench_memory(sizes, device)
         elif section == "compile":
-            rows += bench_compile(sizes, device, repeats, peak)
+            new = bench_compile(sizes, device, repeats, peak)
         elif section == "paper":
-            rows += bench_paper(sizes, device, repeats, peak)
+            new = bench_paper(sizes, device, repeats, peak)
+        if args.quick:   # tiny sizes: the targets do not apply
+            for r in new:
+                r["met"] = None
+        print_rows(new)
+        rows += new
     wall = time.perf_counter() - started
-    if args.quick:   # tiny sizes: the targets do not apply
-        for r in rows:
-            r["met"] = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    header = (f"sleep-lm bench{' (--quick)' if args.quick else ''}: device {name}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, "
-              f"{'bf16 autocast in training rows' if device.type == 'cuda' else 'float32'}, "
-              f"median of {repeats}, peak {peak / 1e12 if peak else 'n/a'} TFLOP/s, {wall:.0f} s")
-    print_table(rows, header)
+    print(f"\n{wall:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(header=header, device=str(device), torch=torch.__version__,
+            json.dump(dict(header=f"{header}, {wall:.0f} s", device=str(device), torch=torch.__version__,
                            threads=torch.get_num_threads(), wall_s=wall, rows=rows), f, indent=1)
 
 

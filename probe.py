@@ -63,9 +63,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import runs
 import train
 from data import make_task
-from sleep_lm import SleepLM, SleepLMConfig
+from sleep_lm import SleepLM
 
 PROBED_TASKS = ("rule110", "depo")
 # The ridge strengths tried (features standardised). Wide on purpose: the untrained model's S is nearly low-rank
@@ -89,7 +90,8 @@ class ProbeConfig:
     max_names: int = 32          # depo: probe the names most often in the fit split's graphs, at most this many
     seed: int = 0                # the split of the examples and the shuffle of the control
     batch_size: int = 256        # examples per forward pass
-    device: str = "cpu"          # cpu, cuda, mps or auto
+    device: str = "auto"         # auto (cuda, then mps, then cpu), cpu, cuda or mps
+    threads: int = 1             # CPU threads (torch's default of one per core stalls when other work holds a core)
     md: str = "out/probe/probe.md"    # where the tables are written (also printed)
     png: str = "out/probe/probe.png"  # where the heatmaps are drawn (needs matplotlib); "" = none
 
@@ -132,9 +134,11 @@ def check_config(cfg):
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
     if cfg.block != "all" and not cfg.block.isdigit():
         raise ValueError(f"--block must be all or the index of a GDN block (0, 1, ...), got {cfg.block!r}")
-    train.pick_device(cfg.device)
+    runs.pick_device(cfg.device)
 
 
 def help_text():
@@ -152,13 +156,11 @@ def help_text():
 def load_trained_and_untrained(out_dir, device="cpu"):
     """(trained model, untrained model, task, the run's TrainConfig) from out_dir/ckpt.pt."""
     ckpt = read_checkpoint(out_dir)
-    cfg = train.saved_config(ckpt)
+    cfg = runs.saved_config(ckpt, train.TrainConfig)
     if cfg.task not in PROBED_TASKS:
         raise ValueError(f"--out_dir={out_dir} holds a {cfg.task} run: the probe supports {' and '.join(PROBED_TASKS)}")
     task = make_task(cfg.task, preset=cfg.preset, **ckpt["task"])
-    # a checkpoint from before a field existed was written with that field's default (as train.py reads it)
-    config = SleepLMConfig(**{f.name: ckpt["model_config"].get(f.name, f.default)
-                              for f in dataclasses.fields(SleepLMConfig)})
+    config = runs.saved_model_config(ckpt)
     if config.eviction == "none":
         raise ValueError(f"--out_dir={out_dir} was trained with eviction none: no windows, nothing to probe; the probe "
                          f"reads S at window boundaries (eviction hard or sliding)")
@@ -176,7 +178,7 @@ def read_checkpoint(out_dir):
     if not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
         raise FileNotFoundError(f"no ckpt.pt in {out_dir}: --out_dir and --compare take a run folder "
                                 f"written by train.py")
-    return train.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    return runs.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
 
 
 def held_out_examples(task, n):
@@ -506,7 +508,7 @@ def probe_states(passes, carried, items, split, n_classes, val_frac, shuffle=Non
 def probe_run(out_dir, cfg, log=print):
     """Probe one run: the trained model, its untrained twin, shuffled targets. Returns a summary dict."""
     started = time.time()
-    device = train.pick_device(cfg.device)
+    device = runs.pick_device(cfg.device)
     model, untrained, task, run_cfg = load_trained_and_untrained(out_dir, device)
     blocks = gdn_blocks(model, cfg.block)
     idx, targets = held_out_examples(task, cfg.examples)
@@ -582,7 +584,7 @@ def title(summary):
     """What was probed: task, changed task parameters, model, N, seed."""
     run, task = summary["run"], summary["task"]
     defaults = make_task(task.name, preset=task.preset).params
-    changed = " ".join(f"{k}={train.flag_text(v)}" for k, v in task.params.items() if v != defaults[k])
+    changed = " ".join(f"{k}={runs.flag_text(v)}" for k, v in task.params.items() if v != defaults[k])
     return (f"{task.name} {task.preset} preset{' ' + changed if changed else ''}; "
             f"{run.layers * run.layer_repeat} d={run.n_embd}, N = {summary['N']}, seed {run.seed}")
 
@@ -663,14 +665,16 @@ def check_same_task(cfg):
 
 def main(argv, log=print):
     """Probe --out_dir (and --compare), print and write the tables, draw the heatmaps. Returns the summaries."""
+    runs.line_buffered()                 # as train.py: each line as it is printed, also into a file or a pipe
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return None
     cfg = parse_args(argv)
     if cfg.compare:
         check_same_task(cfg)
-    if torch.device(train.pick_device(cfg.device)).type == "cpu":
-        torch.set_flush_denormal(True)   # as train.py: denormal decay products are very slow on a CPU
+    device = runs.setup_device(cfg.device, cfg.threads)   # as train.py: the device, and on the CPU its threads
+    threads = torch.get_num_threads()
+    log(f"probe: device {device}" + (f", {threads} thread{'s' if threads > 1 else ''}" if device == "cpu" else ""))
     summaries = [probe_run(out_dir, cfg, log) for out_dir in [cfg.out_dir] + ([cfg.compare] if cfg.compare else [])]
     text = "\n".join(markdown(s) for s in summaries)
     log(text)

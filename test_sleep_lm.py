@@ -1,4 +1,4 @@
-"""Tests for sleep-lm, in the order of the files they check: sleep_lm.py, data.py, train.py, bench.py,
+"""Tests for sleep-lm, in the order of the files they check: sleep_lm.py, data.py, train.py (with runs.py), bench.py,
 probe.py, scripts/, then the commands of README.md and docs/.
 
     python -m pytest -q test_sleep_lm.py            everything (what CI runs): about 77 s on 2 idle CPU cores
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import data
 import probe
+import runs
 import sleep_lm
 import train
 from sleep_lm import CompiledSleepCache, SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
@@ -787,7 +788,7 @@ def test_compiled_model_matches_eager_loss_and_gradients(monkeypatch):
     # (plan_windows) stay outside; here they run once, up front. The loop's graph runs on dynamo's
     # "eager" backend: a graph break fails there just as well, in half the time of the test.
     model = tiny_model(dtype=torch.float32, layers="AG", gdn_chunk_size=8)
-    compiled = train.compiled_for_training(model, backend="aot_eager_decomp_partition")
+    compiled = runs.compiled_for_training(model, backend="aot_eager_decomp_partition")
     assert "process_window" not in vars(model), "the model itself stays eager (evaluation uses it)"
     x = tokens(2, 16)                                    # a consolidation window, then a prediction window
     y = torch.full_like(x, -1)
@@ -826,7 +827,7 @@ def test_compiled_training_survives_more_kinds_of_window_than_torchs_default_rec
     def counting_backend(graph_module, example_inputs):
         graphs.append(graph_module)
         return graph_module.forward
-    fast = train.compiled_for_training(model, backend=counting_backend)
+    fast = runs.compiled_for_training(model, backend=counting_backend)
     x = tokens(2, 16)                                    # a consolidation window, then a prediction window
     y = torch.full_like(x, -1)
     y[:, -3:] = x[:, -3:]
@@ -844,7 +845,7 @@ def test_inductor_compiled_training_matches_eager_on_cuda(mode, precision):
     # CUDA graphs: the first call warms up, the second records, the third replays on new inputs, where
     # stale inputs would show).
     model = tiny_model(dtype=torch.float32, device="cuda", layers="AG", window=8)
-    compiled = train.compiled_for_training(model, mode)
+    compiled = runs.compiled_for_training(model, mode)
     rtol, atol = TOLERANCE[precision]["model"]
     for batch in range(3):
         x = tokens(4, 24, seed=batch).cuda()                 # two consolidation windows, then a prediction window
@@ -1344,12 +1345,17 @@ SMOKE = ["--n_embd=16", "--n_head=2", "--batch_size=4", "--max_iters=4", "--eval
          "--eval_examples=8", "--warmup_iters=2", "--sleep_passes=2", "--device=cpu", "--parallel=1"]
 
 
+def parse_args(argv):
+    """train.py's command line: (TrainConfig, task overrides)."""
+    return runs.parse_args(argv, train.TrainConfig, train.PRESETS)
+
+
 def smoke_config(tmp_path, *extra):
-    return train.parse_args(SMOKE + [f"--out_dir={tmp_path}"] + list(extra))
+    return parse_args(SMOKE + [f"--out_dir={tmp_path}"] + list(extra))
 
 
 def quiet_train(argv):
-    cfg, overrides = train.parse_args(argv)
+    cfg, overrides = parse_args(argv)
     return cfg, train.train(cfg, overrides, log=lambda *a: None)
 
 
@@ -1554,7 +1560,7 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path, task):
     two = losses_and_grad_norms(tmp_path / "k2", f"--task={task}", "--gradient_accumulation_steps=2")
     assert_same_training(one, two, rtol=1e-4)
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        train.parse_args(["--batch_size=5", "--gradient_accumulation_steps=2"])
+        parse_args(["--batch_size=5", "--gradient_accumulation_steps=2"])
 
 
 def test_gradient_accumulation_weights_micro_batches_by_their_answer_tokens(tmp_path):
@@ -1626,7 +1632,7 @@ def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tm
         return logits, loss
 
     monkeypatch.setattr(SleepLM, "forward", poisoned)
-    with pytest.raises(train.NonFiniteLoss, match="loss is nan at step 2"):
+    with pytest.raises(runs.NonFiniteLoss, match="loss is nan at step 2"):
         train.train(cfg, overrides, log=lambda *a: None)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
 
@@ -1723,7 +1729,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------
-# train.py: the command line
+# train.py and runs.py: the command line
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -1740,14 +1746,14 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path)
 ])
 def test_invalid_flags_are_refused_with_a_clear_message(argv, message):
     with pytest.raises(ValueError, match=message):
-        train.parse_args(argv)
+        parse_args(argv)
 
 
 def test_an_unknown_flag_suggests_the_nearest_setting():
     with pytest.raises(ValueError, match="unknown setting --sleep_pases: did you mean --sleep_passes"):
-        train.parse_args(["--sleep_pases=2"])
+        parse_args(["--sleep_pases=2"])
     with pytest.raises(ValueError, match="unknown setting --t_maxx: did you mean --t_max"):   # a task parameter
-        train.parse_args(["--t_maxx=6"])
+        parse_args(["--t_maxx=6"])
 
 
 @pytest.mark.parametrize("device", ["cuda", "mps"])
@@ -1781,7 +1787,7 @@ def test_help_documents_every_setting_and_the_tasks_parameters(capsys):
 
 def test_default_output_folders_name_the_task_preset_and_every_changed_setting():
     def out_dir(*argv):
-        return train.parse_args(list(argv))[0].out_dir
+        return parse_args(list(argv))[0].out_dir
     assert out_dir("--task=depo") == os.path.join("out", "depo-cpu", "N4_seed0")
     assert out_dir("--task=depo", "--preset=paper", "--sleep_passes=2", "--seed=1") == \
         os.path.join("out", "depo-paper", "N2_seed1")
@@ -1793,28 +1799,28 @@ def test_default_output_folders_name_the_task_preset_and_every_changed_setting()
     assert out_dir("--t_max=8", "--width=16") == out_dir()                  # the preset's own task values
     assert out_dir("--sleep_blocks=1:2") == os.path.join("out", "rule110-cpu", "N4_seed0_sleep_blocks=1-2")
     with pytest.raises(ValueError, match="sleep_blocks"):                   # AG has 2 blocks
-        train.build_model(train.parse_args(["--sleep_blocks=1:3"])[0], train.make_task("rule110"))
-    model = train.build_model(train.parse_args(["--sleep_blocks=1:2", "--layer_repeat=2"])[0],
+        train.build_model(parse_args(["--sleep_blocks=1:3"])[0], train.make_task("rule110"))
+    model = train.build_model(parse_args(["--sleep_blocks=1:2", "--layer_repeat=2"])[0],
                               train.make_task("rule110"))
     assert model.config.sleep_blocks == (1, 2) and model.config.layers == "AGAG"
 
 
 def test_the_saved_n_is_a_trained_one_and_baselines_run_with_the_n_they_need():
-    assert train.parse_args(["--train_sleep_passes=1,2"])[0].sleep_passes == 2
-    assert train.parse_args(["--train_sleep_passes=1,2", "--sleep_passes=1"])[0].sleep_passes == 1
+    assert parse_args(["--train_sleep_passes=1,2"])[0].sleep_passes == 2
+    assert parse_args(["--train_sleep_passes=1,2", "--sleep_passes=1"])[0].sleep_passes == 1
     with pytest.raises(ValueError, match="--sleep_passes=4 is not among"):
-        train.parse_args(["--train_sleep_passes=1,2", "--sleep_passes=4"])
-    assert train.parse_args(["--layers=AA"])[0].sleep_passes == 1              # nothing to sleep into
-    assert train.parse_args(["--eviction=none"])[0].sleep_passes == 1          # no windows
-    assert train.parse_args(["--layers=AG"])[0].sleep_passes == 4
-    assert train.parse_args(["--layers=AA", "--eviction=sliding"])[0].sleep_passes == 4   # N changes the kept KV
-    assert train.parse_args(["--sleep_blocks=0:1"])[0].sleep_passes == 1       # AG: only the A block would sleep
+        parse_args(["--train_sleep_passes=1,2", "--sleep_passes=4"])
+    assert parse_args(["--layers=AA"])[0].sleep_passes == 1              # nothing to sleep into
+    assert parse_args(["--eviction=none"])[0].sleep_passes == 1          # no windows
+    assert parse_args(["--layers=AG"])[0].sleep_passes == 4
+    assert parse_args(["--layers=AA", "--eviction=sliding"])[0].sleep_passes == 4   # N changes the kept KV
+    assert parse_args(["--sleep_blocks=0:1"])[0].sleep_passes == 1       # AG: only the A block would sleep
     with pytest.raises(ValueError, match="nothing sleeps"):
-        train.parse_args(["--layers=AA", "--sweep=1,4"])
+        parse_args(["--layers=AA", "--sweep=1,4"])
 
 
 # ----------------------------------------------------------------------------------------------------
-# train.py: checkpoints, resume rules, a trained run
+# train.py and runs.py: checkpoints, resume rules, a trained run
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1822,7 +1828,7 @@ def test_eval_only_rebuilds_the_checkpoints_model_and_evaluates_other_n(tmp_path
     cfg, overrides = smoke_config(tmp_path, "--task=depo", "--input_injection", f"--device={device}")
     trained = train.train(cfg, overrides, log=lambda *a: None)
     # The model, task and settings come from the checkpoint, not from the (default) flags.
-    cfg, overrides = train.parse_args([f"--out_dir={tmp_path}", "--eval_only", "--eval_sleep_passes=2,3",
+    cfg, overrides = parse_args([f"--out_dir={tmp_path}", "--eval_only", "--eval_sleep_passes=2,3",
                                        "--eval_examples=8",
                                        f"--device={device}"])
     evaluated = train.train(cfg, overrides, log=lambda *a: None)
@@ -1843,7 +1849,7 @@ def test_resume_and_eval_only_take_the_runs_settings_from_the_checkpoint(tmp_pat
     first, done = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--task=depo", "--seed=3", "--batch_size=6",
                                        "--device=cpu",
                                        "--learning_rate=0.01", "--curriculum_iters=2"])
-    cfg, overrides = train.parse_args([f"--out_dir={tmp_path}", "--resume", "--max_iters=6"])   # nothing else given
+    cfg, overrides = parse_args([f"--out_dir={tmp_path}", "--resume", "--max_iters=6"])   # nothing else given
     assert dataclasses.replace(cfg, max_iters=4, resume=False, device="cpu", parallel=1) == first
     assert overrides == done["task"]
     extended = train.train(cfg, overrides, log=lambda *a: None)
@@ -1851,12 +1857,12 @@ def test_resume_and_eval_only_take_the_runs_settings_from_the_checkpoint(tmp_pat
     for flag in ("--learning_rate=0.1", "--adamw_lr=0.1", "--weight_decay=0.1", "--seed=0", "--task=rule110",
                  "--batch_size=4", "--max_hops=1"):
         with pytest.raises(ValueError, match=flag.split("=")[0]):
-            train.parse_args([f"--out_dir={tmp_path}", "--resume", flag])
+            parse_args([f"--out_dir={tmp_path}", "--resume", flag])
     for shorter in ("--max_iters=2", "--max_iters=5"):
         with pytest.raises(ValueError, match="max_iters"):
-            train.parse_args([f"--out_dir={tmp_path}", "--resume", shorter])
-    assert train.parse_args([f"--out_dir={tmp_path}", "--eval_only"])[0].device == "auto"   # not the run's "cpu"
-    cfg, _ = train.parse_args([f"--out_dir={tmp_path}", "--eval_only", "--eval_sleep_passes=1,2", "--eval_examples=4"])
+            parse_args([f"--out_dir={tmp_path}", "--resume", shorter])
+    assert parse_args([f"--out_dir={tmp_path}", "--eval_only"])[0].device == "auto"   # not the run's "cpu"
+    cfg, _ = parse_args([f"--out_dir={tmp_path}", "--eval_only", "--eval_sleep_passes=1,2", "--eval_examples=4"])
     assert (cfg.task, cfg.seed, cfg.batch_size, cfg.eval_sleep_passes, cfg.eval_examples) == ("depo", 3, 6, "1,2", 4)
 
 
@@ -1869,7 +1875,7 @@ def test_a_new_run_refuses_to_overwrite_a_checkpoint(tmp_path):
 def test_an_unreadable_checkpoint_is_named_in_the_error(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "ckpt.pt"))):
-        train.parse_args([f"--out_dir={tmp_path}", "--resume"])
+        parse_args([f"--out_dir={tmp_path}", "--resume"])
 
 
 def test_init_from_loads_the_weights_only_and_refuses_another_model(tmp_path):
@@ -1886,21 +1892,21 @@ def test_init_from_loads_the_weights_only_and_refuses_another_model(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# train.py: sweeps, side-by-side runs and several processes
+# train.py and runs.py: sweeps, side-by-side runs and several processes
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sweep_tables_every_run_and_collects_finished_runs_without_retraining(tmp_path, monkeypatch, device):
     cfg, overrides = smoke_config(tmp_path, "--sweep=1,2", "--seeds=0", f"--device={device}")
-    first = train.sweep(cfg, overrides, log=lambda *a: None)
+    first = runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
     assert [(r["sleep_passes"], r["seed"], r["steps"]) for r in first] == [(1, 0, 4), (2, 0, 4)]
     # seed 1 in another process (here: another call), then one call collects all four runs
-    train.sweep(dataclasses.replace(cfg, seeds="1"), overrides, log=lambda *a: None)
+    runs.sweep(dataclasses.replace(cfg, seeds="1"), overrides, train.train, log=lambda *a: None)
     task_class = type(train.make_task(cfg.task))
     monkeypatch.setattr(task_class, "train_batch", lambda *a, **k: pytest.fail("a finished run was retrained"))
-    runs = train.sweep(dataclasses.replace(cfg, seeds="0,1"), overrides, log=lambda *a: None)
-    assert [(r["sleep_passes"], r["seed"]) for r in runs] == [(1, 0), (1, 1), (2, 0), (2, 1)]
-    assert runs[0]["final"] == first[0]["final"] and runs[2]["final"] == first[1]["final"]
+    collected = runs.sweep(dataclasses.replace(cfg, seeds="0,1"), overrides, train.train, log=lambda *a: None)
+    assert [(r["sleep_passes"], r["seed"]) for r in collected] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert collected[0]["final"] == first[0]["final"] and collected[2]["final"] == first[1]["final"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["runs"]) == 4
     table = (tmp_path / "results.md").read_text()
@@ -1909,19 +1915,19 @@ def test_sweep_tables_every_run_and_collects_finished_runs_without_retraining(tm
 
 def test_a_sweep_refuses_a_checkpoint_of_another_task(tmp_path):
     cfg, overrides = smoke_config(tmp_path, "--sweep=2")
-    train.sweep(cfg, overrides, log=lambda *a: None)
+    runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
     cfg, overrides = smoke_config(tmp_path, "--sweep=2", "--task=depo")
     with pytest.raises(ValueError, match="holds another run.*task"):
-        train.sweep(cfg, overrides, log=lambda *a: None)
+        runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
 
 
 @slow
 def test_a_parallel_sweep_trains_its_runs_side_by_side_as_the_sequential_one_does(tmp_path):
     cfg, overrides = smoke_config(tmp_path / "seq", "--sweep=1,2", "--task=depo", "--max_hops=1")
-    sequential = train.sweep(cfg, overrides, log=lambda *a: None)
+    sequential = runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
     cfg, overrides = smoke_config(tmp_path / "par", "--sweep=1,2", "--task=depo", "--max_hops=1", "--parallel=2")
     lines = []
-    parallel = train.sweep(cfg, overrides, log=lines.append)
+    parallel = runs.sweep(cfg, overrides, train.train, log=lines.append)
     assert sum("started" in line for line in lines) == 2 and sum("finished" in line for line in lines) == 2
     for a, b in zip(sequential, parallel):
         assert (a["sleep_passes"], a["steps"], a["final"]) == (b["sleep_passes"], b["steps"], b["final"])
@@ -1933,7 +1939,7 @@ def test_a_parallel_sweep_trains_its_runs_side_by_side_as_the_sequential_one_doe
     assert any(re.match(r"\[run 2/2 N=2 seed=0\] step 4/4 .*\| sweep eta [\d.]+ min$", line) for line in lines)
     assert lines[-1].startswith("checkpoints: ") and str(tmp_path / "par" / "N2_seed0" / "ckpt.pt") in lines[-1]
     auto = dataclasses.replace(cfg, parallel=0)                # by default one run per core on the CPU
-    assert train.sweep_parallel(auto, 2) == min(2, os.cpu_count()) and train.sweep_parallel(auto, 1) == 1
+    assert runs.sweep_parallel(auto, 2) == min(2, os.cpu_count()) and runs.sweep_parallel(auto, 1) == 1
 
 
 @slow
@@ -2168,6 +2174,45 @@ def test_probe_refuses_bad_input_with_a_value_error_naming_the_setting(probe_run
 
 
 # ----------------------------------------------------------------------------------------------------
+# probe.py and bench.py: threads and output as train.py's (runs.py)
+
+
+def run_redirected(argv, out, err):
+    """`python ARGV` as a user runs it with its output redirected to a file: no PYTHONUNBUFFERED, and no
+    OMP_NUM_THREADS (torch's own default would then be one thread per core). Returns the first text found
+    in the file while the process still ran ("" if none), once it has ended (exit 0)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen([sys.executable, *argv], cwd=HERE, env=env, stdout=stdout, stderr=stderr)
+    seen, deadline = "", time.monotonic() + 900                  # a hang guard only
+    try:
+        while time.monotonic() < deadline:
+            text = out.read_text()
+            if process.poll() is not None:
+                break
+            seen = seen or text                                   # read before the process was seen running
+            time.sleep(0.02)
+        assert process.wait(timeout=60) == 0, err.read_text()[-3000:]
+    finally:
+        process.kill()
+    return seen
+
+
+@slow
+@pytest.mark.parametrize("tool", ["probe", "bench"])
+def test_probe_and_bench_use_one_thread_and_print_each_line_as_it_comes_into_a_file(probe_runs, tmp_path, tool):
+    argv = {"probe": ["probe.py", f"--out_dir={probe_runs['rule110']}", "--examples=256", "--device=cpu",
+                      f"--md={tmp_path / 'probe.md'}", "--png="],
+            "bench": ["bench.py", "--quick", "--device=cpu", "--only=rule,train"]}[tool]
+    out = tmp_path / "out.txt"
+    seen = run_redirected(argv, out, tmp_path / "err.txt")
+    final = out.read_text()
+    # block-buffered, the whole output (a few KB) would reach the file only when the process ends
+    assert seen.count("\n") >= 1 and final.startswith(seen) and final.count("\n") > seen.count("\n"), (seen, final)
+    assert re.search(r"\b1 threads?\b", final.splitlines()[0]), final.splitlines()[0]   # not torch's one per core
+
+
+# ----------------------------------------------------------------------------------------------------
 # scripts/fig2.py: the grid of one model per t and N, as a table and a figure
 
 
@@ -2251,8 +2296,8 @@ def test_every_command_and_code_block_in_the_docs_runs_as_written_after_the_quic
         monkeypatch.setitem(train.PRESETS, key, {**preset, "n_embd": 16, "n_head": 2, "batch_size": 4,
                                                  "max_iters": steps, "eval_interval": steps, "log_interval": 1,
                                                  "eval_examples": 4, "warmup_iters": 1})
-    monkeypatch.setattr(train, "sweep_parallel", lambda cfg, runs: 1)
-    for name in ("sleep_lm.py", "data.py", "train.py", "bench.py", "probe.py"):
+    monkeypatch.setattr(runs, "sweep_parallel", lambda cfg, runs: 1)
+    for name in ("sleep_lm.py", "data.py", "runs.py", "train.py", "bench.py", "probe.py"):
         (tmp_path / name).symlink_to(HERE / name)
     monkeypatch.chdir(tmp_path)
     ran, skipped = [], []

@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from train import load_checkpoint  # noqa: E402
+from runs import load_checkpoint  # noqa: E402
 
 FIELDS = ["t", "N", "seed", "steps", "layer_repeat", "exact", "minutes", "code"]
 KEY = ["t", "N", "seed", "steps", "layer_repeat"]
