@@ -64,13 +64,10 @@ def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, chunk_size=None):
                                                         initial_state=state, output_final_state=True)
     """
     check_rule_inputs(q, k, v, log_decay, beta, state, chunk_size)
-    out_dtype = q.dtype
-    dtype = state_dtype(q)
+    out_dtype, dtype = q.dtype, state_dtype(q)
     q, k, v, log_decay, beta = (x.to(dtype) for x in (q, k, v, log_decay, beta))
     B, T, H, Dk = q.shape
-    if state is None:
-        state = q.new_zeros(B, H, Dk, v.shape[-1])
-    state = state.to(dtype)
+    state = (q.new_zeros(B, H, Dk, v.shape[-1]) if state is None else state).to(dtype)
     rule = _delta_rule_recurrent if chunk_size is None else _delta_rule_chunked
     with torch.autocast(q.device.type, enabled=False):   # under bf16 autocast too: matmuls in float32
         o, state = rule(q, k, v, log_decay, beta, state, chunk_size)
@@ -98,8 +95,7 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
         (I + diag(beta) A) u = diag(beta) V - diag(beta e^c) K S0,   A_ij = e^{c_i - c_j} k_i.k_j (j < i).
     So u = U - W S0 with [U, W] = (I + diag(beta) A)^{-1} [diag(beta) V, diag(beta e^c) K]: one batched solve for
     all chunks; only the cheap state hand-off runs chunk after chunk."""
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
+    (B, T, H, Dk), Dv = q.shape, v.shape[-1]
     Lc = min(chunk_size, T)
     pad = -T % Lc
     if pad:  # padded tokens have k = v = q = 0, beta = 0, log_decay = 0: they leave S unchanged
@@ -111,8 +107,7 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
     log_decay, beta = (x.reshape(B, n, Lc, H).permute(0, 3, 1, 2) for x in (log_decay, beta))  # (B, H, n, Lc)
     c = log_decay.cumsum(-1)                                              # (B, H, n, Lc)
     gap = c[..., :, None] - c[..., None, :]                               # c_i - c_j, (B, H, n, Lc, Lc)
-    causal = torch.ones(Lc, Lc, dtype=torch.bool, device=q.device).tril()
-    # Mask before exp: above the diagonal c_i - c_j > 0 could overflow.
+    causal = torch.ones(Lc, Lc, dtype=torch.bool, device=q.device).tril()   # masked before exp, which could overflow
     decay = gap.masked_fill(~causal, float("-inf")).exp()                 # e^{c_i - c_j} for j <= i
     A = (k @ k.transpose(-1, -2)) * decay * beta[..., None]               # diag(beta) A, diagonal ignored
     rhs = torch.cat([beta[..., None] * v, (beta * c.exp())[..., None] * k], dim=-1)
@@ -131,8 +126,7 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
         u = U_i - W_i @ S                                                 # (B, H, Lc, Dv)
         outputs.append(q_i @ S + scores_i @ u)
         S = decay_i * S + k_i @ u
-    o = torch.stack(outputs, dim=2)                                       # (B, H, n, Lc, Dv)
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, n * Lc, H, Dv)[:, :T]          # (B, T, H, Dv)
+    o = torch.stack(outputs, dim=2).permute(0, 2, 3, 1, 4).reshape(B, n * Lc, H, Dv)[:, :T]   # (B, T, H, Dv)
     return o, S
 
 
@@ -186,8 +180,7 @@ class Attention(nn.Module):
         else:
             visible = (k_pos[None, :] <= pos[:, None]) & (k_pos[None, :] > pos[:, None] - span)  # (T, Tk)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.proj(y), None, (k, v, k_pos)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), None, (k, v, k_pos)
 
 
 class GatedDeltaNet(nn.Module):
@@ -422,9 +415,8 @@ class SleepLM(nn.Module):
         return out, loop_input, h, state
 
     def sleep_pass(self, h, loop_input, pos, state):
-        """One sleep pass (Algorithm 1, step 3): the looped blocks again, on their previous output h, from the
-        window's starting context and the S the last pass left (the other blocks keep theirs).
-        Option input_injection (not in Algorithm 1): add the looped blocks' wake-pass input first."""
+        """One sleep pass (Algorithm 1, step 3): the looped blocks again on their output h, from the window's starting
+        context and the last pass's S. Option input_injection (not in Algorithm 1): add their wake-pass input first."""
         if self.config.input_injection:
             h = h + loop_input
         return self.run_blocks(h, pos, state, self.looped_blocks(), state.window_context)
@@ -700,8 +692,7 @@ class CompiledSleepCache(SleepCache):
         return logits, loop_input, h, replace(state, S=S, context=context)
 
     def fixed_context(self, context):
-        """Each attention context as its newest L - 1 entries, padded in front with zero entries at
-        position 2^40, which no query can see (later than every query)."""
+        """Each attention context as its newest L - 1 entries, padded in front with zeros at position 2^40 (unseen)."""
         if not self.compile_mode:
             return context
         fixed, M = [], self.window - 1
