@@ -4,28 +4,28 @@ sleep-lm: a hybrid attention + Gated DeltaNet language model that sleeps.
 Reference implementation of "Do Language Models Need Sleep? Offline Recurrence for Improved Online Inference"
 (Lee, McLeish, Goldstein, Fanti; arXiv 2605.26099). Not arXiv 2606.03979, not "sleep-time compute".
 
-The idea. Attention remembers by keeping a KV cache; a Gated DeltaNet (GDN) layer keeps a fixed-size matrix
-state S per head (the "fast weights") and writes every token into it. Once a window of L tokens is full, the
-model *sleeps*: with no new input it runs its blocks over that window again, N passes in all (pass 1 is the
-ordinary wake pass that read the tokens), each from the previous pass's features and the S it left, so the
-window is written into S deeper each time. Then the KV cache and the features are dropped and only S is kept.
-Prediction ("wake") is one ordinary pass, so wake-time cost does not change.
+Attention remembers by keeping a KV cache; a Gated DeltaNet (GDN) layer keeps a fixed-size matrix state S per
+head (the "fast weights") and writes every token into it. Once a window of L tokens is full, the model *sleeps*:
+with no new input it runs its blocks over that window again, N passes in all (pass 1 is the wake pass that read
+the tokens), each from the previous pass's features and the S it left, so the window is written into S deeper
+each time. Then the KV cache and the features are dropped and only S is kept. Prediction ("wake") is one
+ordinary pass, so wake-time cost does not change.
 
 Read in this order:
   1. gated_delta_rule   the local rule: per-token reference and the exact chunkwise-parallel form
   2. Attention, GatedDeltaNet, MLP, Block
   3. SleepState         what a sequence carries from window to window: per block its context and S; evict
-  4. SleepLM.forward    Algorithm 1 of the paper: the loop that training, evaluation and probe.py run;
-                        below it its steps: process_window (one window), wake_pass, sleep_pass
+  4. SleepLM.forward    Algorithm 1 of the paper, the loop that every caller runs; then its steps
+                        process_window (one window), wake_pass, sleep_pass
   5. SleepCache         streaming and generate: the same wake / sleep / evict steps, as tokens arrive
 The end of the file holds what a first reading can skip: input checks, and the fast paths, each marked.
 
-Shape letters: B batch, T time (tokens), C channels (n_embd), V vocabulary, H heads, Dk / Dv key / value
-head dims, L window, N passes per window (N = 1: no sleep), Lc chunk of the chunkwise rule (a speed device
-inside one call, not a window), K the GDN's short conv kernel (conv_size).
+Shape letters: B batch, T time (tokens), C channels (n_embd), V vocabulary, H heads, Dk / Dv key / value head
+dims, L window, N passes per window (N = 1: no sleep), Lc chunk of the chunkwise rule (a speed device inside one
+call, not a window), K the GDN's short conv kernel (conv_size).
 
-Eviction (what crosses a window boundary): "hard" only S (Algorithm 1); "sliding" S and the newest
-L - 1 tokens of context; "none" no windows, no sleep: one pass of full attention (an upper bound).
+Eviction (what crosses a window boundary): "hard" only S (Algorithm 1); "sliding" S and the newest L - 1 tokens
+of context; "none" no windows, no sleep: one pass of full attention (an upper bound).
 """
 
 import contextlib
@@ -45,39 +45,29 @@ LAYER_KINDS = {"A": "causal attention", "G": "Gated DeltaNet"}
 # -----------------------------------------------------------------------------
 # The local rule: the gated delta recurrence that writes tokens into the fast weights S.
 
-
 def state_dtype(x):
     """Recurrent state math runs in float32 (float64 when the model is float64, for exact tests)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, chunk_size=None):
-    """The gated delta rule, state in, state out.
-
-    q, k: (B, T, H, Dk)   v: (B, T, H, Dv)   log_decay, beta: (B, T, H)
-    state: (B, H, Dk, Dv) or None (zeros)
-    returns o: (B, T, H, Dv) in the dtype of q, final_state: (B, H, Dk, Dv) in float32 (float64 if q is)
-
-    Per token t (K x V layout, as in flash-linear-attention):
+    """The gated delta rule, state in, state out. Per token t (K x V layout, as in flash-linear-attention):
         S <- exp(log_decay_t) S                      decay, log_decay <= 0
         S <- S + k_t (beta_t (v_t - S^T k_t))^T      delta-rule write: move S^T k_t towards v_t
         o_t = S^T q_t                                read
-    No normalisation or scaling happens here; the layer L2-normalises q, k and scales q.
-    chunk_size=None runs the per-token loop (the readable reference); chunk_size=Lc runs the exact
-    chunkwise-parallel form over chunks of Lc tokens (any T). The inputs may come in any float dtype (bf16
-    under autocast): both forms compute in float32 (float64 for float64 inputs), so the layers need not.
-    In flash-linear-attention (a yardstick in bench.py, not a dependency) this is
+    q, k: (B, T, H, Dk)   v: (B, T, H, Dv)   log_decay, beta: (B, T, H)   state: (B, H, Dk, Dv) or None (zeros)
+    Returns o (B, T, H, Dv) in q's dtype and the final state (B, H, Dk, Dv). No normalisation or scaling here:
+    the layer L2-normalises q, k and scales q. chunk_size=None runs the per-token loop (the reference), Lc the
+    exact chunkwise-parallel form over chunks of Lc tokens (any T); both compute in float32 (float64 for float64
+    inputs), whatever the inputs' dtype (bf16 under autocast). flash-linear-attention (bench.py's yardstick):
         fla.ops.gated_delta_rule.chunk_gated_delta_rule(q, k, v, g=log_decay, beta=beta, scale=1.0,
                                                         initial_state=state, output_final_state=True)
     """
     check_rule_inputs(q, k, v, log_decay, beta, state, chunk_size)
-    out_dtype = q.dtype
-    dtype = state_dtype(q)
+    out_dtype, dtype = q.dtype, state_dtype(q)
     q, k, v, log_decay, beta = (x.to(dtype) for x in (q, k, v, log_decay, beta))
     B, T, H, Dk = q.shape
-    if state is None:
-        state = q.new_zeros(B, H, Dk, v.shape[-1])
-    state = state.to(dtype)
+    state = (q.new_zeros(B, H, Dk, v.shape[-1]) if state is None else state).to(dtype)
     rule = _delta_rule_recurrent if chunk_size is None else _delta_rule_chunked
     with torch.autocast(q.device.type, enabled=False):   # under bf16 autocast too: matmuls in float32
         o, state = rule(q, k, v, log_decay, beta, state, chunk_size)
@@ -87,12 +77,10 @@ def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, chunk_size=None):
 def _delta_rule_recurrent(q, k, v, log_decay, beta, S, chunk_size=None):
     """The reference: one token at a time, exactly the equations in the docstring above."""
     outputs = []
-    # Unbind once: indexing x[:, t] inside the loop would make backward write a full-size gradient
-    # per token (quadratic in T).
+    # Unbind once: x[:, t] in the loop would make backward write a full-size gradient per token (quadratic in T).
     for q_t, k_t, v_t, g_t, beta_t in zip(*(x.unbind(1) for x in (q, k, v, log_decay, beta))):
         S = S * g_t.exp()[..., None, None]                                # (B, H, Dk, Dv)
-        # S^T x as the row product x^T S: (B, H, 1, Dk) @ (B, H, Dk, Dv). Twice as fast as einsum
-        # here, which matters because this loop is also the one-token (decoding) path.
+        # S^T k_t as the row product (B, H, 1, Dk) @ (B, H, Dk, Dv): twice as fast as einsum (decoding runs this).
         error = beta_t[..., None] * (v_t - (k_t[..., None, :] @ S).squeeze(-2))
         S = S + k_t[..., :, None] * error[..., None, :]
         outputs.append((q_t[..., None, :] @ S).squeeze(-2))
@@ -100,18 +88,14 @@ def _delta_rule_recurrent(q, k, v, log_decay, beta, S, chunk_size=None):
 
 
 def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
-    """The chunkwise-parallel form (WY / UT transform; Yang et al., arXiv 2412.06464, sec. 3).
-
-    A chunk is a block of Lc tokens of the local rule, a speed device inside one call; not the sleep
-    window. Inside a chunk with cumulative log decay c_i = sum_{j<=i} log_decay_j, unrolling the recurrence
-    from the chunk's initial state S0 gives S_i = e^{c_i} S0 + sum_{j<=i} e^{c_i - c_j} k_j u_j^T,
-    where the "new values" u_j = beta_j (v_j - (e^{log_decay_j} S_{j-1})^T k_j) solve the unit lower-triangular system
+    """The chunkwise-parallel form (WY / UT transform; Yang et al., arXiv 2412.06464, sec. 3), over chunks of Lc
+    tokens. In a chunk with c_i = sum_{j<=i} log_decay_j, unrolling from the chunk's initial state S0 gives
+    S_i = e^{c_i} S0 + sum_{j<=i} e^{c_i - c_j} k_j u_j^T, where the new values u_j = beta_j (v_j - (e^{log_decay_j}
+    S_{j-1})^T k_j) solve the unit lower-triangular system
         (I + diag(beta) A) u = diag(beta) V - diag(beta e^c) K S0,   A_ij = e^{c_i - c_j} k_i.k_j (j < i).
-    So u = U - W S0 with [U, W] = (I + diag(beta) A)^{-1} [diag(beta) V, diag(beta e^c) K], one batched
-    triangular solve for all chunks at once. Only the cheap state hand-off runs chunk after chunk.
-    """
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
+    So u = U - W S0 with [U, W] = (I + diag(beta) A)^{-1} [diag(beta) V, diag(beta e^c) K]: one batched solve for
+    all chunks; only the cheap state hand-off runs chunk after chunk."""
+    (B, T, H, Dk), Dv = q.shape, v.shape[-1]
     Lc = min(chunk_size, T)
     pad = -T % Lc
     if pad:  # padded tokens have k = v = q = 0, beta = 0, log_decay = 0: they leave S unchanged
@@ -121,11 +105,9 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
     # contiguous once: the batched matmuls below would otherwise each copy the permuted q and k
     q, k, v = (x.reshape(B, n, Lc, H, -1).permute(0, 3, 1, 2, 4).contiguous() for x in (q, k, v))  # (B, H, n, Lc, D)
     log_decay, beta = (x.reshape(B, n, Lc, H).permute(0, 3, 1, 2) for x in (log_decay, beta))  # (B, H, n, Lc)
-
     c = log_decay.cumsum(-1)                                              # (B, H, n, Lc)
     gap = c[..., :, None] - c[..., None, :]                               # c_i - c_j, (B, H, n, Lc, Lc)
-    causal = torch.ones(Lc, Lc, dtype=torch.bool, device=q.device).tril()
-    # Mask before exp: above the diagonal c_i - c_j > 0 could overflow.
+    causal = torch.ones(Lc, Lc, dtype=torch.bool, device=q.device).tril()   # masked before exp, which could overflow
     decay = gap.masked_fill(~causal, float("-inf")).exp()                 # e^{c_i - c_j} for j <= i
     A = (k @ k.transpose(-1, -2)) * decay * beta[..., None]               # diag(beta) A, diagonal ignored
     rhs = torch.cat([beta[..., None] * v, (beta * c.exp())[..., None] * k], dim=-1)
@@ -138,16 +120,13 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
     q_decayed = q * c.exp()[..., None]                                    # reads S0 through e^{c_i}
     k_decayed = k * (c[..., -1:] - c).exp()[..., None]                    # writes decay to chunk end
     chunk_decay = c[..., -1].exp()[..., None, None]                       # (B, H, n, 1, 1)
-
-    outputs = []
-    # Unbind once: indexing [:, :, i] in the loop would make backward write n full-size gradients.
+    outputs = []   # unbind once, as in the recurrent form
     per_chunk = (x.unbind(2) for x in (U, W, q_decayed, scores, k_decayed.transpose(-1, -2), chunk_decay))
     for U_i, W_i, q_i, scores_i, k_i, decay_i in zip(*per_chunk):
         u = U_i - W_i @ S                                                 # (B, H, Lc, Dv)
         outputs.append(q_i @ S + scores_i @ u)
         S = decay_i * S + k_i @ u
-    o = torch.stack(outputs, dim=2)                                       # (B, H, n, Lc, Dv)
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, n * Lc, H, Dv)[:, :T]          # (B, T, H, Dv)
+    o = torch.stack(outputs, dim=2).permute(0, 2, 3, 1, 4).reshape(B, n * Lc, H, Dv)[:, :T]   # (B, T, H, Dv)
     return o, S
 
 
@@ -157,7 +136,6 @@ def _delta_rule_chunked(q, k, v, log_decay, beta, S, chunk_size):
 #   S        the fast weights (GDN only; None for attention)
 #   span     how many positions back attention may look, itself included (L; infinite for "none")
 #   extended the context after reading x (what a decoder keeps, before eviction trims it)
-
 
 def l2_normalize(x, eps=1e-6):
     """x / sqrt(sum x^2 + eps) over the last dim (as flash-linear-attention's l2norm)."""
@@ -173,12 +151,8 @@ def rotate(x, pos, inv_freq):
 
 
 class Attention(nn.Module):
-    """Causal softmax attention that sees at most the last `span` positions (itself included).
-
-    The context is a tuple (keys, values, positions) of the tokens before x, keys already rotated:
-    keys, values (B, H, Tc, D), positions (Tc,). Under hard eviction the context is empty at the start
-    of every window; under sliding eviction it holds the newest L - 1 tokens of the previous window.
-    """
+    """Causal softmax attention over at most the last `span` positions (itself included). Its context:
+    (keys, values, positions) of the tokens before x, keys already rotated; (B, H, Tc, D), (B, H, Tc, D), (Tc,)."""
 
     def __init__(self, config):
         super().__init__()
@@ -206,18 +180,14 @@ class Attention(nn.Module):
         else:
             visible = (k_pos[None, :] <= pos[:, None]) & (k_pos[None, :] > pos[:, None] - span)  # (T, Tk)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.proj(y), None, (k, v, k_pos)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), None, (k, v, k_pos)
 
 
 class GatedDeltaNet(nn.Module):
-    """Gated DeltaNet mixer (Yang et al., arXiv 2412.06464). Its state S is the fast weights.
-
-    q, k, v pass a short causal depthwise conv + SiLU; q and k are L2-normalised per head (q also
-    scaled by 1/sqrt(Dk)); beta = sigmoid(W_b x); log_decay = -exp(A_log) * softplus(W_a x + dt_bias).
-    The output goes through a gated RMSNorm, norm(o) * silu(W_g x), and a projection.
-    The context is the conv window: the last conv_size - 1 pre-conv q, k, v rows (zeros after a hard eviction).
-    """
+    """Gated DeltaNet mixer (Yang et al., arXiv 2412.06464); its state S is the fast weights. q, k, v pass a short
+    causal depthwise conv + SiLU; q and k are L2-normalised per head (q also scaled by 1/sqrt(Dk));
+    beta = sigmoid(W_b x); log_decay = -exp(A_log) * softplus(W_a x + dt_bias); the output goes through a gated
+    RMSNorm, norm(o) * silu(W_g x), and a projection. Its context: the last K - 1 pre-conv q, k, v rows."""
 
     def __init__(self, config):
         super().__init__()
@@ -292,7 +262,6 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------
 # The model.
 
-
 @dataclass
 class SleepLMConfig:
     vocab_size: int = 64
@@ -306,13 +275,10 @@ class SleepLMConfig:
     conv_size: int = 4            # GDN short conv kernel
     gdn_chunk_size: int = 64      # chunk of the chunkwise-parallel local rule
     rope_base: float = 10000.0
-    bptt_passes: int | None = None     # truncated backprop: only the last K passes of a consolidation window are
-                                       # recorded; the earlier ones are the identity in backward (process_window)
+    bptt_passes: int | None = None     # truncated backprop through the last passes only (process_window)
     checkpoint_windows: bool = False   # recompute each window's passes in backward (activation checkpointing)
-    input_injection: bool = False      # add the looped blocks' pass-1 input (by default the embeddings) before every
-                                       # sleep pass, as looped / recurrent-depth models do (not in Algorithm 1)
-    sleep_blocks: tuple | None = None  # (start, stop): sleep passes run blocks start..stop-1 only, the paper's
-                                       # choice for Jet-Nemotron (its middle 14 of 28); None: every block
+    input_injection: bool = False      # add the wake-pass input before every sleep pass (sleep_pass)
+    sleep_blocks: tuple | None = None  # (start, stop): the blocks sleep passes run (looped_blocks); None: all
 
     def __post_init__(self):
         check_config(self)   # a ValueError naming the field (at the end of the file)
@@ -320,14 +286,11 @@ class SleepLMConfig:
 
 @dataclass
 class SleepState:
-    """What one sequence carries from window to window. Per block (attention blocks have S None):
-
+    """What one sequence carries from window to window; per block (attention blocks have S None):
     S               the fast weights (B, H, Dk, Dv), zero at the start
-    context         what the next token may see from before it: attention (keys, values, positions), the GDN
-                    conv window; a wake pass extends it with the tokens it reads
+    context         what the next token may see: attention (keys, values, positions), the GDN conv window
     window_context  the context when the current window began: where every sleep pass starts
-    and window (L) and eviction. The steps return a new state, never change one (checkpointing replays them).
-    """
+    The steps return a new state, never change one (checkpointing replays them)."""
     S: list
     context: list
     window_context: list
@@ -340,9 +303,9 @@ class SleepState:
         return self.window if self.eviction != "none" else float("inf")
 
     def evict(self):
-        """Algorithm 1 at the end of a window (sec. 3): the window's attention KV goes (the caller drops its
-        features), conv windows are zeroed, only S stays. Sliding eviction (sec. 6.4): the newest L - 1
-        attention entries and the conv windows stay too. "none": everything stays."""
+        """Algorithm 1 at a window's end (sec. 3): the attention KV goes (the caller drops the features), conv
+        windows are zeroed, only S stays. "sliding" (sec. 6.4): the newest L - 1 KV entries and the conv
+        windows stay too. "none": everything stays."""
         kept = []
         for S, context in zip(self.S, self.context):
             if self.eviction == "none":
@@ -388,15 +351,11 @@ class SleepLM(nn.Module):
                 nn.init.uniform_(p, -bound, bound)
 
     # -- the sleep loop: Algorithm 1 ----------------------------------------------------------
-
     def forward(self, idx, targets=None, *, sleep_passes=None, window=None, eviction=None):
-        """Algorithm 1 of the paper (sec. 3): the window loop that training, evaluation and probe.py run.
-
-        idx, targets: (B, T), targets -1 wherever there is nothing to predict (without targets every window
-        but the last sleeps). sleep_passes, window, eviction: N, L and eviction for this call, by default the
-        config's. Returns the logits (B, T, V) of every window's wake pass, and the loss (None without
-        targets). What goes beyond Algorithm 1 is marked "option".
-        """
+        """Algorithm 1 of the paper (sec. 3). idx, targets: (B, T), targets -1 where there is nothing to predict
+        (without targets every window but the last sleeps); sleep_passes, window, eviction override the config's.
+        Returns every window's wake logits (B, T, V) and the loss (None without targets). Beyond Algorithm 1:
+        the lines marked "option"."""
         N, L, eviction = self.resolve(sleep_passes, window, eviction)
         consolidate = self.plan_windows(idx, targets, None if eviction == "none" else L)   # per window: sleep?
         B, T = idx.shape
@@ -426,12 +385,10 @@ class SleepLM(nn.Module):
         return logits, loss
 
     def process_window(self, idx, pos, state, passes, untracked=0):
-        """One window (Algorithm 1, step 3): embed once, the wake pass, then passes - 1 sleep passes over
-        idx (B, t) at positions pos (t,). Returns the wake logits (B, t, V) and the state after the last pass.
-        train.py --compile compiles this method (one graph per kind of window): no branch on a tensor value.
-        Option bptt_passes (truncated backprop, which the paper names as untried): the first `untracked`
-        passes (a Python int) run without gradient and are reconnected straight-through (their values, the
-        identity in backward)."""
+        """One window (Algorithm 1, step 3): embed once, the wake pass, then passes - 1 sleep passes over idx (B, t)
+        at positions pos (t,). Returns the wake logits (B, t, V) and the state. train.py --compile compiles this
+        (no branch on a tensor value). Option bptt_passes (truncated backprop, untried in the paper): the first
+        `untracked` passes run without gradient, reconnected straight-through (their values, identity backward)."""
         embeddings = self.wte(idx)                            # once: the passes do not re-embed
         S_in = state.S
         with torch.no_grad() if untracked else contextlib.nullcontext():
@@ -458,16 +415,15 @@ class SleepLM(nn.Module):
         return out, loop_input, h, state
 
     def sleep_pass(self, h, loop_input, pos, state):
-        """One sleep pass (Algorithm 1, step 3): the looped blocks again, on their previous output h, from the
-        window's starting context and the S the last pass left (the other blocks keep theirs).
-        Option input_injection (not in Algorithm 1): add the looped blocks' wake-pass input first."""
+        """One sleep pass (Algorithm 1, step 3): the looped blocks again on their output h, from the window's starting
+        context and the last pass's S. Option input_injection (not in Algorithm 1): add their wake-pass input first."""
         if self.config.input_injection:
             h = h + loop_input
         return self.run_blocks(h, pos, state, self.looped_blocks(), state.window_context)
 
     def looped_blocks(self):
-        """The blocks that sleep passes run: all (Algorithm 1), or option sleep_blocks=(start, stop), as the
-        paper does for its pretrained Jet-Nemotron (the middle 14 of 28 blocks)."""
+        """The blocks sleep passes run: all (Algorithm 1), or option sleep_blocks=(start, stop), as the paper
+        does for its pretrained Jet-Nemotron (the middle 14 of 28 blocks)."""
         return range(*(self.config.sleep_blocks or (0, len(self.blocks))))
 
     def run_blocks(self, h, pos, state, blocks, context):
@@ -515,18 +471,12 @@ class SleepLM(nn.Module):
         return tuple(rows[0] for rows in no_answer)
 
     # -- inference ---------------------------------------------------------------------------
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, sleep_passes=None, window=None,
                  eviction=None, compile_mode=None):
-        """Continue idx (B, T) by max_new_tokens tokens, sleeping whenever a window fills.
-
-        The prompt is read window by window (full windows are slept on); then each new token costs
-        one wake pass over one token, whatever the distance already generated.
-        temperature > 0 samples from softmax(logits / temperature); temperature = 0 is greedy (argmax).
-        top_k = K samples among the K most likely tokens only; None: no filtering.
-        compile_mode: decode through CompiledSleepCache's compiled one-token step (a fast path, the same tokens).
-        """
+        """Continue idx (B, T) by max_new_tokens tokens, sleeping whenever a window fills; each new token costs one
+        wake pass over one token. temperature 0: greedy, > 0: sample softmax(logits / temperature); top_k: only
+        among the K most likely (None: all). compile_mode: decode through CompiledSleepCache (the same tokens)."""
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
         check_int("top_k", top_k, 1, allow_none=True)
@@ -550,13 +500,8 @@ class SleepLM(nn.Module):
 
 class SleepCache:
     """A streaming SleepLM: forward's steps (wake_pass, sleep_pass, SleepState.evict), taken as tokens arrive.
-
-    state                  the SleepState: per block S, the context so far and at the window's start
-    features, loop_inputs  the looped blocks' wake-pass output and input for the window's tokens so far
-    wake(idx) the wake pass over new tokens (their logits); sleep() passes 2..N over the full window; evict()
-    drops the window's KV and features. Memory is bounded by the window (unless eviction is "none").
-    CompiledSleepCache (end of file): the same, its one-token step compiled.
-    """
+    It holds the SleepState and the looped blocks' wake-pass output and input (features, loop_inputs) for the
+    window so far: memory is bounded by the window (unless eviction is "none")."""
 
     def __init__(self, model, batch_size, *, sleep_passes=None, window=None, eviction=None):
         self.model, self.batch_size = model, batch_size
@@ -607,8 +552,8 @@ class SleepCache:
         self.start_window(self.state.evict())
 
     def feed(self, idx):
-        """Read idx (B, T) in order: wake, and sleep + evict each time the window fills.
-        Returns the wake logits (B, T, V): equal to SleepLM.forward's on the same sequence."""
+        """Read idx (B, T): wake, and sleep + evict each time the window fills. Returns the wake logits (B, T, V),
+        equal to SleepLM.forward's."""
         check_tokens("idx", idx, self.model.config.vocab_size)
         logits, start = [], 0
         while start < idx.shape[1]:
@@ -623,7 +568,6 @@ class SleepCache:
 
 # -----------------------------------------------------------------------------
 # Input checks: a ValueError that names the argument and what it allows. Skip on first read.
-
 
 def check_choice(name, value, allowed):
     if value not in allowed:
@@ -695,10 +639,8 @@ def check_windows_line_up(no_answer, L, T):
 
 
 # -----------------------------------------------------------------------------
-# Fast paths: the same computation as the plain forms above, faster. Skip on first read. FAST_PATHS picks two
-# in the reading path (the GDN conv, the chunkwise rule's solve; equal to the plain forms up to rounding:
-# test_fast_paths_match_the_plain_forms). train.py --compile compiles SleepLM.process_window
-# (test_compiled_model_matches_eager_...); CompiledSleepCache compiles the one-token wake step.
+# Fast paths: the plain forms above, faster (equal up to rounding; tested). Skip on first read. FAST_PATHS picks two
+# in the reading path (the GDN conv, the chunkwise solve); CompiledSleepCache compiles the one-token wake step.
 
 FAST_PATHS = True   # False: the plain F.conv1d and solve_triangular (slower on CPU)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the torch.compile modes that replay CUDA graphs
@@ -717,17 +659,15 @@ def fast_causal_conv(padded, weight):
 
 
 def fast_solve_unit_lower(A, rhs):
-    """solve_triangular(A, rhs, upper=False, unitriangular=True) solved as X^T A^T = rhs^T: the same system,
-    but LAPACK then gets row-major operands without copies, which makes the solve and its backward much
-    faster on CPU."""
+    """solve_triangular(A, rhs, upper=False, unitriangular=True) as X^T A^T = rhs^T: the same system, but LAPACK
+    gets row-major operands without copies (the solve and its backward: much faster on CPU)."""
     return torch.linalg.solve_triangular(A.mT, rhs.mT, upper=True, left=False, unitriangular=True).mT
 
 
 class CompiledSleepCache(SleepCache):
-    """SleepCache with its one-token wake step under torch.compile (compile_mode="reduce-overhead": a CUDA graph
-    replay per token). Every attention context is kept at exactly L - 1 entries, padded with entries no query can
-    see, so all one-token steps share one graph; the same logits (test_compiled_one_token_wake_has_static_shapes_...).
-    Under eviction "none" (no window to fix the shapes to) it is the eager cache."""
+    """SleepCache with its one-token wake step under torch.compile ("reduce-overhead": a CUDA graph replay per
+    token). Every attention context is kept at exactly L - 1 entries, padded with entries no query can see, so
+    all one-token steps share one graph. Under eviction "none" (no window to fix shapes to) it is the eager cache."""
 
     def __init__(self, model, batch_size, *, compile_mode="default", **kwargs):
         self.compile_mode = None                     # the eager cache until the compiled step exists
@@ -752,8 +692,7 @@ class CompiledSleepCache(SleepCache):
         return logits, loop_input, h, replace(state, S=S, context=context)
 
     def fixed_context(self, context):
-        """Each attention context as its newest L - 1 entries, padded in front with zero entries at
-        position 2^40, which no query can see (later than every query)."""
+        """Each attention context as its newest L - 1 entries, padded in front with zeros at position 2^40 (unseen)."""
         if not self.compile_mode:
             return context
         fixed, M = [], self.window - 1
