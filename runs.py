@@ -745,12 +745,13 @@ def sweep_eta(running, waiting, ms_per_step, parallel):
 
 
 def accuracy_over_seeds(task, runs):
-    """{N: (runs of that N, mean per level, std per level over seeds; zeros for a single seed)}."""
+    """{N: (runs of that N, mean per level, std per level over seeds; zeros for a single seed)}.
+    std is the sample standard deviation (n - 1 in the denominator), as scripts/fig2.py's."""
     stats = {}
     for n in sorted({r["sleep_passes"] for r in runs}):
         mine = [r for r in runs if r["sleep_passes"] == n]
-        values = torch.tensor([[r["final"][lv][task.metric] for lv in task.levels] for r in mine])
-        spread = values.std(dim=0) if len(mine) > 1 else torch.zeros(len(task.levels))
+        values = torch.tensor([[r["final"][lv][task.metric] for lv in task.levels] for r in mine], dtype=torch.float64)
+        spread = values.std(dim=0, correction=1) if len(mine) > 1 else torch.zeros(len(task.levels))
         stats[n] = (mine, values.mean(dim=0), spread)
     return stats
 

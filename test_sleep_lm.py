@@ -2,24 +2,30 @@
 probe.py, scripts/, then the commands of README.md and docs/.
 
     python -m pytest -q test_sleep_lm.py            everything (what CI runs): about 77 s on 2 idle CPU cores
-    QUICK=1 python -m pytest -q test_sleep_lm.py    without the tests marked @slow: about 23 s, for an edit loop
+    python -m pytest -q -m "not slow" test_sleep_lm.py    without the tests marked slow, for an edit loop (or QUICK=1)
 
 On a machine with CUDA the parity and training tests also run on the GPU.
 """
 
+import collections
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import inspect
 import json
 import math
 import os
+import random
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -53,9 +59,18 @@ HERE = Path(__file__).parent
 # One thread: the tensors here are small, and torch's one thread per core stalls when other work holds a core.
 torch.set_num_threads(1)
 
-# QUICK=1 python -m pytest -q test_sleep_lm.py skips the slow tests (compiles, subprocesses, sweeps, bench):
-# the edit loop. The README's command and CI run everything.
-slow = pytest.mark.skipif(os.environ.get("QUICK") == "1", reason="slow: QUICK=1 skips it")
+# The slow tests (compiles, subprocesses, sweeps, bench) carry the mark `slow` (registered in pytest.ini):
+# `-m "not slow"` (or QUICK=1) leaves them out, for the edit loop. The README's command and CI run everything.
+SLOW = (pytest.mark.slow, pytest.mark.skipif(os.environ.get("QUICK") == "1", reason="slow: QUICK=1 skips it"))
+
+
+def slow(test):
+    for mark in SLOW:
+        test = mark(test)
+    return test
+
+# Subprocesses get a hang guard only, never a measure of speed: far beyond what they take on a busy machine.
+HANG_GUARD = 900   # seconds
 
 
 def autocast(device, precision):
@@ -322,6 +337,404 @@ def test_gated_deltanet_layer_matches_an_independent_reference(with_context):
         assert_close(y, y_ref, what=f"output, T={T}")
         assert_close(S_out, S_ref, what=f"state, T={T}")
         assert torch.equal(window, window_ref)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sleep_lm.py: the whole model against an independent float64 reference
+#
+# ReferenceSleepLM below is written again from the paper (Algorithm 1 and its eviction variants) and the
+# layer equations, token by token, with plain torch float64 ops on a dict of leaf tensors named as in
+# model.state_dict(): autograd gives its gradients too. It calls nothing of sleep_lm; sleep_lm is only
+# the thing under test, through its public API (SleepLM, SleepLMConfig, forward, SleepCache, generate).
+
+
+
+
+REFERENCE_TOLERANCE = dict(rtol=1e-9, atol=1e-11)   # float64 on both sides; the rest is rounding
+
+
+def reference_weights(model):
+    """The model's parameters as float64 leaf tensors that require grad, by state_dict name."""
+    return {name: t.detach().clone().double().requires_grad_() for name, t in model.state_dict().items()
+            if t.is_floating_point()}
+
+
+class ReferenceSleepLM:
+    """SleepLM from its equations, one token at a time, in float64. weights: {state_dict name: tensor}.
+
+    Per block (pre-norm): h <- h + mixer(rms(h)), then h <- h + W2 gelu(W1 rms(h)); rms(x) = x / sqrt(mean x^2
+    + 1e-6) * weight. logits = lm_head(rms(h)).
+    Attention: q, k, v = split(W_qkv x) into heads; q, k rotated by RoPE at their absolute positions (channels i
+    and i + D/2 turn by pos * base^(-2i/D)); query at p reads every key at p' with p - span < p' <= p,
+    softmax(q.k / sqrt(D)).
+    GDN: q, k, v = SiLU(depthwise causal conv over the last K rows of W_qkv x); q, k L2-normalised (eps 1e-6), q
+    scaled by 1/sqrt(D); beta = sigmoid(W_b x), log_decay = -exp(A_log) softplus(W_a x + dt_bias);
+    S <- exp(log_decay) S; S <- S + k (beta (v - S^T k))^T; o = S^T q; y = W_o (rms_head(o) * silu(W_g x)).
+    Memory per block: the attention entries (position, rotated key, value) before the window, or the last K - 1
+    pre-conv rows; plus S per GDN block.
+    Windows (Algorithm 1): embed once; pass 1 runs every block and gives the logits; a consolidation window (no
+    target >= 0; without targets every window but the last) gets passes 2..N of blocks start..stop-1
+    (sleep_blocks) on their own previous output (plus their pass-1 input under input_injection), each from the
+    memory the window started with and the S the previous pass left. Then eviction: "hard" keeps only S;
+    "sliding" also the newest L - 1 attention entries and the conv rows, as the last pass that ran each block
+    left them; "none" is one window and one pass with unbounded attention.
+    """
+
+    def __init__(self, weights, config):
+        self.w, self.config = weights, config
+        self.C, self.H = config.n_embd, config.n_head
+        self.D, self.K = config.n_embd // config.n_head, config.conv_size
+        # RoPE frequencies computed in float32, as the model keeps them (so float64 comparisons can be exact)
+        self.theta = (config.rope_base ** (-2 * torch.arange(self.D // 2, dtype=torch.float32) / self.D)).double()
+
+    def rms(self, x, name):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w[name]
+
+    def linear(self, x, name):
+        return x @ self.w[name].T
+
+    def rope(self, x, p):
+        """x: (B, H, D) at absolute position p."""
+        half = self.D // 2
+        cos, sin = torch.cos(p * self.theta), torch.sin(p * self.theta)
+        return torch.cat([x[..., :half] * cos - x[..., half:] * sin, x[..., :half] * sin + x[..., half:] * cos], -1)
+
+    def attention(self, pre, x, positions, entries, span):
+        B, n, C = x.shape
+        q, k, v = self.linear(x, pre + "qkv.weight").view(B, n, 3, self.H, self.D).unbind(2)   # (B, n, H, D)
+        entries, out = list(entries), []
+        for t, p in enumerate(positions):
+            entries.append((p, self.rope(k[:, t], p), v[:, t]))
+            seen = [(key, value) for key_pos, key, value in entries if p - span < key_pos <= p]
+            keys = torch.stack([key for key, _ in seen], dim=2)                                 # (B, H, m, D)
+            values = torch.stack([value for _, value in seen], dim=2)
+            scores = (keys * self.rope(q[:, t], p)[:, :, None, :]).sum(-1) / math.sqrt(self.D)  # (B, H, m)
+            weights = torch.exp(scores - scores.max(-1, keepdim=True).values)
+            weights = weights / weights.sum(-1, keepdim=True)
+            out.append((weights[..., None] * values).sum(2).reshape(B, C))
+        return self.linear(torch.stack(out, 1), pre + "proj.weight"), entries
+
+    def gated_deltanet(self, pre, x, rows, S):
+        B, n, C = x.shape
+        H, D = self.H, self.D
+        qkv = self.linear(x, pre + "qkv.weight")                                                 # (B, n, 3C)
+        taps = self.w[pre + "conv_weight"][:, 0, :]                                              # (3C, K), oldest first
+        beta = torch.sigmoid(self.linear(x, pre + "b_proj.weight"))                              # (B, n, H)
+        softplus = torch.logaddexp(self.linear(x, pre + "a_proj.weight") + self.w[pre + "dt_bias"], x.new_zeros(()))
+        log_decay = -torch.exp(self.w[pre + "A_log"]) * softplus
+        gate = self.linear(x, pre + "g_proj.weight").view(B, n, H, D)
+        gate = gate * torch.sigmoid(gate)
+        rows, out = list(rows), []
+        for t in range(n):
+            rows.append(qkv[:, t])
+            conv = (torch.stack(rows[-self.K:], dim=-1) * taps).sum(-1)                          # (B, 3C)
+            q, k, v = (conv * torch.sigmoid(conv)).view(B, 3, H, D).unbind(1)                    # (B, H, D)
+            q = q / torch.sqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6) / math.sqrt(D)
+            k = k / torch.sqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
+            S = torch.exp(log_decay[:, t])[:, :, None, None] * S                                 # (B, H, Dk, Dv)
+            error = beta[:, t, :, None] * (v - (S * k[..., :, None]).sum(-2))                    # v - S^T k
+            S = S + k[..., :, None] * error[..., None, :]
+            o = (S * q[..., :, None]).sum(-2)                                                    # S^T q, (B, H, Dv)
+            o = self.rms(o, pre + "o_norm.weight") * gate[:, t]
+            out.append(o.reshape(B, C))
+        return self.linear(torch.stack(out, 1), pre + "proj.weight"), S, rows[-(self.K - 1):]
+
+    def block(self, i, h, positions, memory, S, span):
+        pre = f"blocks.{i}."
+        x = self.rms(h, pre + "norm1.weight")
+        if self.config.layers[i] == "A":
+            y, memory = self.attention(pre + "mixer.", x, positions, memory, span)
+        else:
+            y, S, memory = self.gated_deltanet(pre + "mixer.", x, memory, S)
+        h = h + y
+        u = self.linear(self.rms(h, pre + "norm2.weight"), pre + "mlp.fc.weight")
+        u = 0.5 * u * (1 + torch.erf(u / math.sqrt(2)))                                         # exact GELU
+        return h + self.linear(u, pre + "mlp.proj.weight"), S, memory
+
+    def empty_memory(self, kind, B):
+        return [] if kind == "A" else [self.w["wte.weight"].new_zeros(B, 3 * self.C)] * (self.K - 1)
+
+    def evict(self, kind, memory, L, eviction):
+        if eviction == "none":
+            return memory
+        if eviction == "hard":
+            return self.empty_memory(kind, memory[0].shape[0] if kind == "G" else 0)
+        return memory[max(len(memory) - (L - 1), 0):] if kind == "A" else memory
+
+    def __call__(self, idx, targets=None, *, sleep_passes=None, window=None, eviction=None):
+        """(logits (B, T, V), loss or None), as SleepLM.forward with these per-call settings."""
+        cfg = self.config
+        N = cfg.sleep_passes if sleep_passes is None else sleep_passes
+        L = cfg.window if window is None else window
+        eviction = cfg.eviction if eviction is None else eviction
+        B, T = idx.shape
+        n_blocks = len(cfg.layers)
+        loop_start, loop_stop = cfg.sleep_blocks or (0, n_blocks)
+        if eviction == "none":
+            bounds, span = [(0, T)], math.inf
+        else:
+            bounds, span = [(s, min(s + L, T)) for s in range(0, T, L)], L
+        memory = [self.empty_memory(kind, B) for kind in cfg.layers]
+        S = [None if kind == "A" else self.w["wte.weight"].new_zeros(B, self.H, self.D, self.D) for kind in cfg.layers]
+        logits = []
+        for w, (s, e) in enumerate(bounds):
+            positions = list(range(s, e))
+            consolidate = w < len(bounds) - 1 if targets is None else bool((targets[:, s:e] < 0).all())
+            passes = N if consolidate and eviction != "none" else 1
+            h = self.w["wte.weight"][idx[:, s:e]]                                                # embedded once
+            after = list(memory)                                                     # memory after it
+            for i in range(n_blocks):                                                            # pass 1: wake
+                if i == loop_start:
+                    loop_input = h
+                h, S[i], after[i] = self.block(i, h, positions, memory[i], S[i], span)
+                if i == loop_stop - 1:
+                    loop_output = h
+            logits.append(self.rms(h, "norm_f.weight") @ self.w["lm_head.weight"].T)
+            h = loop_output
+            for _ in range(passes - 1):                                                          # passes 2..N: sleep
+                if cfg.input_injection:
+                    h = h + loop_input
+                for i in range(loop_start, loop_stop):
+                    h, S[i], after[i] = self.block(i, h, positions, memory[i], S[i], span)
+            memory = [self.evict(kind, m, L, eviction) for kind, m in zip(cfg.layers, after)]
+        logits = torch.cat(logits, dim=1)
+        if targets is None:
+            return logits, None
+        answered = targets >= 0
+        log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        return logits, -log_probs[answered].gather(-1, targets[answered][:, None]).mean()
+
+
+def perturbed_model(config, seed):
+    """SleepLM in float64 with every weight random and every path live: the init zeros the output projections
+    (each block would start as the identity) and nearly zeros the head; decays are kept slow enough that S
+    carries windows forward."""
+    torch.manual_seed(seed)
+    model = SleepLM(config).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if name.endswith("A_log"):
+                p.copy_((0.1 + 0.9 * torch.rand(p.shape, generator=g, dtype=p.dtype)).log())
+            elif name.endswith("dt_bias"):
+                p.copy_(-1.5 + 0.5 * noise)
+            elif "norm" in name:
+                p.copy_(1 + 0.3 * noise)
+            elif name == "wte.weight":
+                p.copy_(noise)
+            else:                                        # every matrix and the conv taps: std 1 / sqrt(fan_in)
+                p.copy_(noise / math.sqrt(p.shape[-1]))
+    return model
+
+
+def draw_targets(rng, B, T, L, eviction, vocab):
+    """Targets with a random kind per window: consolidation (all -1), every token, some tokens, the last token."""
+    targets = torch.full((B, T), -1, dtype=torch.long)
+    starts = list(range(0, T, T if eviction == "none" else L))
+    kinds = [rng.choice(["consolidate", "consolidate", "all", "some", "last"]) for _ in starts]
+    if all(kind == "consolidate" for kind in kinds):
+        kinds[-1] = rng.choice(["all", "some", "last"])
+    for s, kind in zip(starts, kinds):
+        e = min(s + (T if eviction == "none" else L), T)
+        for b in range(B):
+            if kind == "all":
+                chosen = range(s, e)
+            elif kind == "last":
+                chosen = [e - 1]
+            elif kind == "some":
+                chosen = rng.sample(range(s, e), rng.randint(1, e - s))
+            else:
+                chosen = []
+            for t in chosen:
+                targets[b, t] = rng.randrange(vocab)
+    return targets
+
+
+LAYER_PATTERNS = ["A", "G", "AG", "GA", "AGAG", "GGA", "GAG"]
+EVICTION_MODES = ["hard", "sliding", "none"]
+EVICTION_CYCLE = ["hard", "sliding", "hard", "sliding", "none"]
+
+
+def draw_case(index):
+    """A tiny random configuration, call and batch. Layer pattern and eviction cycle with the index; the rest
+    (N, L with T not always a multiple, sleep_blocks, input_injection, conv_size, mlp_ratio, per-call overrides,
+    targets or none) comes from a generator seeded by it."""
+    rng = random.Random(index)
+    layers, eviction = LAYER_PATTERNS[index % len(LAYER_PATTERNS)], EVICTION_CYCLE[index % len(EVICTION_CYCLE)]
+    n_head = rng.choice([1, 2])
+    n_embd = rng.choice([8, 12, 16])                     # head sizes 4 to 16
+    T = rng.randint(6, 18)
+    start = rng.randrange(len(layers))
+    config = dict(vocab_size=rng.randint(7, 17), n_embd=n_embd, n_head=n_head, layers=layers,
+                  window=rng.choice([1, 2, 3, rng.randint(2, T // 2), rng.randint(2, T // 2), T + 2]),
+                  sleep_passes=rng.randint(2, 4), eviction=eviction, mlp_ratio=rng.randint(1, 3),
+                  conv_size=rng.randint(2, 5), gdn_chunk_size=rng.randint(1, 8), rope_base=rng.choice([50.0, 1e4]),
+                  input_injection=rng.random() < 0.5,
+                  sleep_blocks=None if rng.random() < 0.4 else (start, rng.randint(start + 1, len(layers))))
+    call = {}
+    if rng.random() < 0.4:                               # per-call overrides of N, L and eviction
+        options = dict(sleep_passes=rng.randint(1, 4), window=rng.randint(2, T - 1),
+                       eviction=rng.choice(EVICTION_MODES))
+        call = dict(rng.sample(sorted(options.items()), rng.randint(1, 3)))
+    elif rng.random() < 0.2:
+        config["sleep_passes"] = 1
+    resolved = {k: call.get(k, config[k]) for k in ("window", "eviction")}
+    g = torch.Generator().manual_seed(index)
+    idx = torch.randint(config["vocab_size"], (2, T), generator=g)
+    targets = None
+    if index % 6 != 4:
+        targets = draw_targets(rng, 2, T, resolved["window"], resolved["eviction"], config["vocab_size"])
+    return SleepLMConfig(**config), call, idx, targets
+
+
+def case_id(index):
+    """The drawn case in a few words, with N, L and eviction as the call resolves them."""
+    config, call, idx, targets = draw_case(index)
+    N, L, eviction = (call.get(k, getattr(config, k)) for k in ("sleep_passes", "window", "eviction"))
+    blocks = "" if config.sleep_blocks is None else f"-loop{config.sleep_blocks[0]}{config.sleep_blocks[1]}"
+    return (f"{index}-{config.layers}-{eviction}-N{N}-L{L}-T{idx.shape[1]}{blocks}"
+            f"{'-inject' if config.input_injection else ''}{'-call_' + '_'.join(sorted(call)) if call else ''}"
+            f"{'-notargets' if targets is None else ''}")
+
+
+def run_and_backprop(run, parameters, last_window_start):
+    """Run a (logits, loss) function and backpropagate the loss or, without targets, a fixed random projection
+    of the last window's logits (forward keeps a slept-on window's logits out of the graph). Returns logits,
+    loss and the gradient of every parameter (zeros where none arrived)."""
+    logits, loss = run()
+    if loss is None:
+        last = logits[:, last_window_start:]
+        probe = torch.randn(last.shape, generator=torch.Generator().manual_seed(7), dtype=last.dtype)
+        (last * probe).sum().backward()
+    else:
+        loss.backward()
+    grads = {name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for name, p in parameters.items()}
+    return logits.detach(), None if loss is None else loss.detach(), grads
+
+
+def compare_with_reference(model, idx, targets, call, check_grads=True, what=""):
+    """Logits, loss and (check_grads) the gradient of every parameter: the model vs the reference."""
+    L, eviction = (call.get(k, getattr(model.config, k)) for k in ("window", "eviction"))
+    last_window_start = 0 if eviction == "none" else (idx.shape[1] - 1) // L * L
+    weights = reference_weights(model)
+    reference = ReferenceSleepLM(weights, model.config)
+    model.zero_grad(set_to_none=True)
+    logits, loss, grads = run_and_backprop(lambda: model(idx, targets, **call), dict(model.named_parameters()),
+                                           last_window_start)
+    ref_logits, ref_loss, ref_grads = run_and_backprop(lambda: reference(idx, targets, **call), weights,
+                                                       last_window_start)
+    assert_close(logits, ref_logits, **REFERENCE_TOLERANCE, what=f"logits{what}")
+    if targets is not None:
+        assert_close(loss, ref_loss, **REFERENCE_TOLERANCE, what=f"loss{what}")
+    if check_grads:
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            assert_close(grads[name], ref_grads[name], **REFERENCE_TOLERANCE, what=f"gradient of {name}{what}")
+
+
+MODEL_CASES = range(140, 154)   # seeds whose draws cover every feature listed in draw_case
+
+
+@pytest.mark.parametrize("index", MODEL_CASES, ids=case_id)
+def test_forward_logits_loss_and_every_gradient_match_the_reference(index):
+    config, call, idx, targets = draw_case(index)
+    compare_with_reference(perturbed_model(config, seed=index), idx, targets, call)
+
+
+def fixed_case(**overrides):
+    config = dict(vocab_size=11, n_embd=12, n_head=2, layers="GAG", window=5, sleep_passes=3, conv_size=3,
+                  mlp_ratio=2, gdn_chunk_size=3, rope_base=100.0)
+    config.update(overrides)
+    return SleepLMConfig(**config)
+
+
+def fixed_batch(T=14, vocab=11):
+    """Windows of 5: a consolidation window, then two prediction windows (the last one partial), with gaps."""
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randint(vocab, (2, T), generator=g)
+    targets = torch.full_like(idx, -1)
+    targets[:, 6:] = torch.randint(vocab, (2, T - 6), generator=g)
+    targets[0, 12] = -1
+    return idx, targets
+
+
+@pytest.mark.parametrize("eviction, sleep_blocks, injection", [("hard", None, False), ("sliding", (1, 3), True)],
+                         ids=["hard", "sliding-loop13-inject"])
+def test_truncated_backprop_and_checkpointing_keep_the_reference_values(eviction, sleep_blocks, injection):
+    # bptt_passes and checkpoint_windows change only what backward records, never the values. Gradients:
+    # checkpointing recomputes, so it is full backprop; bptt_passes >= N (3 here) records every pass.
+    idx, targets = fixed_batch()
+    options = dict(eviction=eviction, sleep_blocks=sleep_blocks, input_injection=injection)
+    weights = reference_weights(perturbed_model(fixed_case(**options), seed=3))
+    ref_logits, ref_loss, ref_grads = run_and_backprop(
+        lambda: ReferenceSleepLM(weights, fixed_case(**options))(idx, targets), weights, None)
+    for settings, full_backprop in (({"bptt_passes": 1}, False), ({"bptt_passes": 3}, True),
+                                    ({"checkpoint_windows": True}, True),
+                                    ({"bptt_passes": 2, "checkpoint_windows": True}, False)):
+        model = perturbed_model(fixed_case(**options, **settings), seed=3)
+        logits, loss, grads = run_and_backprop(lambda: model(idx, targets), dict(model.named_parameters()), None)
+        assert_close(logits, ref_logits, **REFERENCE_TOLERANCE, what=f"logits with {settings}")
+        assert_close(loss, ref_loss, **REFERENCE_TOLERANCE, what=f"loss with {settings}")
+        for name in grads if full_backprop else ():
+            assert_close(grads[name], ref_grads[name], **REFERENCE_TOLERANCE, what=f"gradient of {name}, {settings}")
+
+
+# Per-call settings for SleepCache and generate, each different from the config it is paired with.
+STREAM_CASES = [
+    ("hard", {}), ("hard", {"sleep_passes": 1}), ("hard", {"window": 7}), ("hard", {"eviction": "sliding"}),
+    ("sliding", {}), ("sliding", {"sleep_passes": 4, "window": 3}), ("sliding", {"eviction": "hard"}),
+    ("none", {}), ("none", {"eviction": "sliding", "window": 4, "sleep_passes": 2}), ("hard", {"eviction": "none"}),
+]
+
+
+def settings_id(settings):
+    return "-".join(f"{k}={v}" for k, v in settings.items()) or "as_configured"
+
+
+@pytest.mark.parametrize("eviction, settings", STREAM_CASES,
+                         ids=[f"{eviction}-{settings_id(settings)}" for eviction, settings in STREAM_CASES])
+def test_streaming_feed_in_random_pieces_matches_the_reference(eviction, settings):
+    config = fixed_case(eviction=eviction, sleep_blocks=(0, 2), input_injection=True)
+    model = perturbed_model(config, seed=5)
+    rng = random.Random(str(settings) + eviction)
+    first, idx = (torch.randint(11, (2, 17), generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
+    with torch.no_grad():
+        expected, _ = ReferenceSleepLM(reference_weights(model), config)(idx, **settings)
+        if settings:                                     # the setting must matter, or the test checks nothing
+            assert (model(idx)[0] - expected).abs().max() > 1e-6, f"{settings} should change the logits"
+        cache = SleepCache(model, 2, **settings)
+        cache.feed(first[:, :rng.randint(1, 9)])        # some other sequence, then reset()
+        cache.reset()
+        pieces, start = [], 0
+        while start < idx.shape[1]:
+            size = rng.randint(1, 7)
+            pieces.append(cache.feed(idx[:, start:start + size]))
+            start += size
+    assert_close(torch.cat(pieces, dim=1), expected, **REFERENCE_TOLERANCE, what=f"streamed logits, {settings}")
+
+
+def greedy(forward, prompt, steps, settings):
+    """Greedy continuation by running a (logits, loss) function over the whole sequence once per new token."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            logits, _ = forward(seq, **settings)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("settings", [{}, {"sleep_passes": 1}, {"window": 5}, {"eviction": "sliding"},
+                                      {"eviction": "none"}, {"sleep_passes": 3, "window": 4, "eviction": "sliding"}],
+                         ids=settings_id)
+def test_greedy_generate_matches_the_rolled_reference_at_every_per_call_setting(settings):
+    config = fixed_case(eviction="hard", window=3, sleep_passes=2, layers="AG")
+    model = perturbed_model(config, seed=9)
+    prompt = torch.randint(11, (2, 4), generator=torch.Generator().manual_seed(4))
+    expected = greedy(ReferenceSleepLM(reference_weights(model), config), prompt, 7, settings)
+    if settings:                                         # the setting must matter, or the test checks nothing
+        assert not torch.equal(greedy(model, prompt, 7, {}), expected), f"{settings} should change the tokens"
+    assert torch.equal(model.generate(prompt, 7, temperature=0, **settings), expected)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1234,6 +1647,233 @@ def test_train_batch_levels_restrict_the_difficulty():
 
 
 # ----------------------------------------------------------------------------------------------------
+# data.py: the structural promises of each generator, on many samples
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("cpu", {}), ("gpu", {}), ("paper", {}), ("cpu", dict(states=3, width=11, t_min=0, t_max=12, levels=(0, 5, 12)))])
+def test_rule110_every_example_is_k_states_in_their_windows_then_one_query_per_state(preset, overrides):
+    task = data.make_task("rule110", preset, **overrides)
+    K, W, p = task.params["states"], task.params["width"], task.params
+    assert (task.window, task.seq_len, task.items_per_example) == (W, K * W + K, K)
+    batches = [(task.train_batch(48, step, seed), None) for seed, step in ((0, 0), (3, 9))]
+    batches += [(task.eval_set(level, 8, seed), level) for seed in (0, 2) for level in task.levels]
+    train_t = set()
+    for (idx, targets, difficulty), level in batches:
+        for tokens, target_row, t in zip(rows_of(task, idx), targets.tolist(), difficulty.tolist()):
+            if level is None:
+                assert p["t_min"] <= t <= p["t_max"]
+                train_t.add(t)
+            else:
+                assert t == level
+            assert set(tokens[:K * W]) <= {"0", "1"}
+            assert tokens[K * W:] == [f"?{i + 1}@t{t}" for i in range(K)]
+            assert target_row[:K * W] == [-1] * (K * W)                   # no target before the queries
+            answers = [rule110_after("".join(tokens[i * W:(i + 1) * W]), t)[0] for i in range(K)]
+            assert [task.vocab[a] for a in target_row[K * W:]] == answers
+    assert train_t == set(range(p["t_min"], p["t_max"] + 1))          # training draws every t of its range
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.py, Depo: one cycle listed edge by edge, queries walked on it
+
+
+def depo_name(tokens, i):
+    """The name starting at tokens[i]: one lowercase token, or an uppercase token and any letter token."""
+    if tokens[i].isupper():
+        assert re.fullmatch(r"[a-zA-Z]+", tokens[i + 1]), tokens[i:i + 2]
+        return tuple(tokens[i:i + 2]), i + 2
+    assert re.fullmatch(r"[a-z]+", tokens[i]), tokens[i]
+    return (tokens[i],), i + 1
+
+
+def depo_edges(task, tokens):
+    """(left padding, [(source, target)] as listed) of the graph section; asserts its grammar:
+    <pad>* then edges "x -> y" back to back to the end of the section."""
+    graph = tokens[:task.params["graph_len"]]
+    padding = next(i for i, token in enumerate(graph) if token != PAD)
+    body, edges, i = graph[padding:], [], 0
+    assert PAD not in body
+    while i < len(body):
+        source, i = depo_name(body, i)
+        assert body[i] == "->", body[i:]
+        target, i = depo_name(body, i + 1)
+        edges.append((source, target))
+    return padding, edges
+
+
+def depo_queries(task, tokens):
+    """[(hop, start, answer, position of "=")] of the query section; asserts its grammar:
+    "hopK start = answer" back to back, then <pad> to the end."""
+    queries, i = [], task.params["graph_len"]
+    while i < len(tokens) and tokens[i] != PAD:
+        assert re.fullmatch(r"hop[1-9]\d*", tokens[i]), tokens[i]
+        hop = int(tokens[i][3:])
+        start, equals = depo_name(tokens, i + 1)
+        assert tokens[equals] == "="
+        answer, i = depo_name(tokens, equals + 1)
+        queries.append((hop, start, answer, equals))
+    assert tokens[i:] == [PAD] * (len(tokens) - i)
+    return queries
+
+
+@pytest.mark.parametrize("preset, train_examples, eval_examples", [
+    ("cpu", 64, 16), ("gpu", 32, 6), ("paper", 12, 3)])
+def test_depo_context_lists_one_cycle_and_each_answer_is_the_kth_successor_along_it(preset, train_examples,
+                                                                                   eval_examples):
+    task = data.make_task("depo", preset)
+    p = task.params
+    assert task.seq_len == p["graph_len"] + p["query_len"] and p["graph_len"] % task.window == 0
+    batches = [(task.train_batch(train_examples, step, seed), None) for seed, step in ((0, 0), (4, 11))]
+    batches += [(task.eval_set(level, eval_examples, seed), level) for seed in (0, 1) for level in task.levels]
+    train_hops, sizes, chained, train_graphs = set(), set(), 0, 0
+    for (idx, targets, difficulty), level in batches:
+        for tokens, row, target_row, k in zip(rows_of(task, idx), idx.tolist(), targets.tolist(), difficulty.tolist()):
+            padding, edges = depo_edges(task, tokens)
+            n = len(edges)
+            sources, ends = [s for s, _ in edges], [e for _, e in edges]
+            # n edges over n distinct nodes, every node once a source and once a target: a permutation...
+            assert len(set(sources)) == n and set(ends) == set(sources)
+            successor = dict(edges)
+            node, cycle = sources[0], []
+            for _ in range(n):
+                cycle.append(node)
+                node = successor[node]
+            # ...that is ONE cycle through all n nodes
+            assert node == sources[0] and len(set(cycle)) == n
+            assert p["min_nodes"] <= n <= p["max_nodes"] and (level is None or n == p["max_nodes"])
+            assert padding + 3 * n + sum(len(s) - 1 for s in sources) * 2 == p["graph_len"]
+            queries = depo_queries(task, tokens)
+            assert len(queries) == p["queries"]
+            expected_targets = [-1] * task.seq_len
+            for hop, start, answer, equals in queries:
+                walked = start
+                for _ in range(hop):
+                    walked = successor[walked]
+                assert answer == walked
+                answer_ids = task.encode(list(answer))
+                expected_targets[equals:equals + len(answer)] = answer_ids
+                assert row[equals + 1:equals + 1 + len(answer)] == answer_ids    # teacher-forced
+            assert target_row == expected_targets            # the loss mask covers exactly the answer tokens
+            hops = [hop for hop, *_ in queries]
+            assert k == max(hops) and all(1 <= hop <= p["max_hops"] for hop in hops)
+            assert len({(hop % n, start) for hop, start, *_ in queries}) == len(queries)
+            if level is None:
+                train_hops.update(hops)
+                sizes.add(n)
+                chained += sum(edges[i][1] == edges[i + 1][0] for i in range(n - 1))
+                train_graphs += 1
+            else:
+                assert set(hops) == {level} and len({start for _, start, *_ in queries}) == len(queries)
+    assert train_hops == set(range(1, p["max_hops"] + 1))              # training asks every hop of its range
+    assert len(sizes) >= min(4, p["max_nodes"] - p["min_nodes"] + 1)     # and graphs of many sizes
+    # the edges are listed shuffled: in a random order, on average one listed edge leads on to the next one
+    # (n - 1 neighbours, each with chance 1 / (n - 1)); listed along the cycle, n - 1 >= 2 of them would
+    assert chained < 1.5 * train_graphs, (chained, train_graphs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.py, math: the question's answer follows from exactly op operations, distractors feed nothing
+
+
+def operands(statement):
+    """The quantities a statement reads."""
+    return [x for x in statement[1:] if isinstance(x, tuple)]
+
+
+def depth(statements, quantity):
+    """Operations on the longest chain of statements that the quantity's value is computed through."""
+    reads = operands(statements[quantity])
+    return 0 if statements[quantity][0] == "const" else 1 + max(depth(statements, q) for q in reads)
+
+
+@pytest.mark.parametrize("rendering, preset, train_examples, eval_examples", [
+    ("symbolic", "cpu", 96, 24), ("realistic", "cpu", 32, 8),
+    pytest.param("symbolic", "paper", 1, 1, marks=SLOW), pytest.param("realistic", "paper", 1, 1, marks=SLOW)])
+def test_math_answer_follows_from_exactly_op_chained_operations_and_distractors_feed_nothing(
+        rendering, preset, train_examples, eval_examples):
+    sizes = REALISTIC_CPU if (rendering, preset) == ("realistic", "cpu") else {}
+    task = data.make_task("math", preset, rendering=rendering, **sizes)
+    p = task.params
+    batches = [(task.train_batch(train_examples, step, seed), None) for seed, step in ((0, 0), (5, 3))]
+    seeds = (0, 1) if preset == "cpu" else (0,)            # a paper-size evaluation block is 64 problems
+    batches += [(task.eval_set(level, eval_examples, seed), level) for seed in seeds for level in task.levels]
+    distractor_operations = 0
+    for (idx, targets, difficulty), level in batches:
+        for tokens, row, target_row, op in zip(rows_of(task, idx), idx.tolist(), targets.tolist(), difficulty.tolist()):
+            assert (op == level) if level is not None else (p["op_min"] <= op <= p["op_max"])
+            length = len(tokens) - tokens.count(PAD)
+            assert tokens[length:] == [PAD] * (task.seq_len - length)           # right-padded
+            assert p["min_tokens"] <= length <= p["max_tokens"] == task.seq_len
+            asked, statements, answer, marker = parse_math(task, tokens)       # each quantity defined once
+            assert marker == length - 2 and marker >= task.window                # answer after the first window
+            for quantity, statement in statements.items():
+                reads = operands(statement)
+                assert all(q in statements for q in reads), (quantity, statement)
+                if statement[0] in ("sum", "diff"):
+                    assert reads[0] != reads[1], f"{quantity} reads {reads[0]} twice"
+                if rendering == "symbolic":
+                    assert int(quantity[0][1:]) < p["quantities"]
+            used = set()
+            assert evaluate_math(statements, asked, used) == answer
+            # exactly op operations feed the asked quantity, one after another (each needs the previous)
+            assert sum(statements[q][0] != "const" for q in used) == op == depth(statements, asked)
+            values = {q: evaluate_math(statements, q, set()) for q in statements}
+            assert all(0 <= v < p["values"] for v in values.values())
+            distractor_operations += sum(statements[q][0] in ("sum", "diff") for q in statements if q not in used)
+            assert target_row == [-1] * marker + [row[marker + 1]] + [-1] * (task.seq_len - marker - 1)
+            assert tokens[marker + 1] == str(answer)
+    assert distractor_operations >= (len(batches) if preset == "cpu" else 1)  # the operand check had work to do
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.py: train_batch is a pure function, eval sets are fixed and hold only evaluation-split inputs
+
+TASKS = [("rule110", {}), ("depo", {}), ("math", {})]
+TINY_TASKS = [("rule110", dict(width=8)),                  # input spaces where the streams would collide
+              ("depo", dict(max_nodes=4, name_tokens=5, max_hops=2, queries=2, query_len=8))]
+
+
+def in_eval_split(task, row):
+    """The documented rule: blake2b (8 bytes, little-endian) of the decoded input text, modulo EVAL_BUCKETS, is 0."""
+    digest = hashlib.blake2b(task.decode(row).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % data.EVAL_BUCKETS == 0
+
+
+@pytest.mark.parametrize("name, overrides", TASKS)
+def test_train_batch_depends_on_seed_and_step_only_not_on_global_rngs_or_earlier_calls(name, overrides):
+    task = data.make_task(name, **overrides)
+    first = task.train_batch(24, step=5, seed=2)
+    first_eval = task.eval_set(task.levels[-1], 8, seed=1)
+    saved = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        random.seed(1)
+        np.random.seed(1)
+        torch.manual_seed(1)
+        for step in range(3):
+            task.train_batch(7, step=step, seed=step)
+            task.eval_set(task.levels[0], 5, seed=step)
+        again = data.make_task(name, **overrides)
+        second = task.train_batch(24, step=5, seed=2), again.train_batch(24, step=5, seed=2)
+        second_eval = task.eval_set(task.levels[-1], 8, seed=1), again.eval_set(task.levels[-1], 8, seed=1)
+    random.setstate(saved[0])
+    np.random.set_state(saved[1])
+    for batch in second:
+        assert all(torch.equal(a, b) for a, b in zip(first, batch))
+    for batch in second_eval:
+        assert all(torch.equal(a, b) for a, b in zip(first_eval, batch))
+
+
+@pytest.mark.parametrize("name, overrides", TASKS + TINY_TASKS)
+def test_eval_sets_hold_only_evaluation_split_inputs_and_training_batches_none(name, overrides):
+    task = data.make_task(name, **overrides)
+    train_rows = [row for seed, step in ((0, 0), (1, 6)) for row in task.train_batch(40, step, seed)[0].tolist()]
+    eval_rows = [row for seed in (0, 1) for level in task.levels for row in task.eval_set(level, 12, seed)[0].tolist()]
+    assert not any(in_eval_split(task, row) for row in train_rows)
+    assert all(in_eval_split(task, row) for row in eval_rows)
+    assert {tuple(row) for row in train_rows}.isdisjoint(tuple(row) for row in eval_rows)
+
+
+# ----------------------------------------------------------------------------------------------------
 # data.py: vocabulary, validation, scoring, the command line
 
 
@@ -1665,8 +2305,12 @@ def test_resume_gives_bitwise_the_same_next_losses(tmp_path, monkeypatch, device
 def train_process(*argv, text=True):
     """`python train.py ARGV` as a user runs it (no PYTHONUNBUFFERED), its output in a pipe."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    return subprocess.Popen([sys.executable, str(HERE / "train.py"), *argv], cwd=HERE, env=env, text=text,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, str(HERE / "train.py"), *argv], cwd=HERE, env=env, text=text,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    guard = threading.Timer(HANG_GUARD, process.kill)   # a hung run ends, and so does a read waiting on it
+    guard.daemon = True
+    guard.start()
+    return process
 
 
 def read_until(process, pattern):
@@ -1695,6 +2339,7 @@ def test_log_lines_reach_a_pipe_as_they_are_printed(tmp_path):
             text += chunk
         last_seen = max(int(n) for n in re.findall(rb"^step (\d+)/", text, re.M))
         while saved_step(tmp_path) < last_seen + 2:      # two steps more, written nowhere yet but the pipe
+            assert process.poll() is None, "train.py ended before it saved two more steps"
             time.sleep(0.05)
         process.send_signal(signal.SIGSTOP)             # frozen: what it printed so far must be in the pipe
         step = saved_step(tmp_path)                     # written after that step's lines
@@ -1714,7 +2359,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path)
     process = train_process(*SMOKE, f"--out_dir={tmp_path}", "--max_iters=100000", "--log_interval=1")
     read_until(process, r"^step 2/")
     process.send_signal(signal.SIGINT)
-    out = process.communicate(timeout=120)[0]
+    out = process.communicate(timeout=HANG_GUARD)[0]
     last = out.strip().splitlines()[-1]
     assert process.returncode == 130 and "Traceback" not in out
     step = torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"]
@@ -1724,7 +2369,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path)
     resumed = train_process(*command[2:])               # the printed command, run as printed
     first = read_until(resumed, r"^step \d+/")[-1]
     resumed.send_signal(signal.SIGINT)
-    resumed.communicate(timeout=120)
+    resumed.communicate(timeout=HANG_GUARD)
     assert first.startswith(f"step {step + 1}/100000") and resumed.returncode == 130
 
 
@@ -1949,7 +2594,7 @@ def test_ctrl_c_stops_a_side_by_side_sweep_with_a_checkpoint_per_run(tmp_path):
     read_until(process, r"^\[run 1/2 .*\] step ")
     read_until(process, r"^\[run 2/2 .*\] step ")
     process.send_signal(signal.SIGINT)
-    out = process.communicate(timeout=120)[0]
+    out = process.communicate(timeout=HANG_GUARD)[0]
     assert process.returncode == 130 and "Traceback" not in out
     assert out.strip().splitlines()[-1].endswith(f"To continue: python train.py {shlex.join(argv)}")
     for n in (1, 2):
@@ -1962,12 +2607,477 @@ def test_torchrun_with_two_processes_trains_like_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train.py", *SMOKE, "--max_iters=3", "--eval_interval=3", "--log_interval=1", "--device=cpu",
-                           f"--out_dir={tmp_path / 'two'}"], cwd=HERE, env=env, timeout=120, capture_output=True,
+                           f"--out_dir={tmp_path / 'two'}"], cwd=HERE, env=env, timeout=HANG_GUARD, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("step 2/3") == 1, "only rank 0 logs"
     assert_same_training(single, grad_norms_and_losses(done.stdout), rtol=1e-4)
     assert (tmp_path / "two" / "ckpt.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py: every setting and every task parameter reaches what it should
+#
+# The plumbing of train.py used below, one place each: the command line (parse_args: flags -> settings,
+# and with --resume the settings restored from a checkpoint), the names of the settings that a resumed
+# run may give anew (RUN_CONTROL), the sweep's table and its statistics. Checkpoints are read as files.
+
+
+def command_line(argv):
+    """(TrainConfig, task overrides) as `python train.py ARGV` reads them."""
+    return parse_args(argv)
+
+
+def resumable_with_other_values():
+    """The settings a resumed run may give anew, which run names leave out."""
+    return set(runs.RUN_CONTROL)
+
+
+def results_table(task, finished):
+    return runs.results_table(task, finished)
+
+
+def read_checkpoint(run_dir):
+    return torch.load(run_dir / "ckpt.pt", weights_only=False)
+
+
+# A tiny run on the CPU: two steps, evaluated and saved once, at the end.
+TINY = ["--n_embd=16", "--n_head=2", "--batch_size=8", "--max_iters=2", "--eval_interval=2", "--log_interval=2",
+        "--eval_examples=8", "--warmup_iters=1", "--sleep_passes=2", "--device=cpu", "--parallel=1"]
+
+# Where a setting can show. Each is observed on a tiny run (see observe) before and after the setting changes.
+DESTINATIONS = {
+    "model": "the model's config, build_model(cfg, task).config",
+    "batches": "the training batches, StepBatches(task, cfg): the first steps' batches and the number of steps",
+    "schedule": "the learning-rate multiplier lr_multiplier(step, cfg) of steps 0..11",
+    "optimizer": "the saved optimizers' parameter groups: their hyperparameters, without the scheduled lr",
+    "step": "what each training step asks of the model: its N and its eviction",
+    "evaluation": "what evaluate() is asked: the N and the examples of each level",
+    "training": "the run's losses and final weights",
+}
+# "training" lies downstream of everything that changes what is trained, so it is listed only where it is
+# the setting's main way in; every other destination is exact: a setting changes it iff it lists it.
+TRAINING = {"model", "batches", "schedule", "optimizer", "step", "training"}
+
+# Every setting of TrainConfig that changes the run: another valid value (a tiny rule110 run at the cpu
+# preset is the starting point), and the destinations it changes. A value may be a function of the
+# unchanged run's folder.
+SETTING_DESTINATIONS = {
+    "task": ("depo", {"model", "batches", "evaluation"}),
+    "preset": ("gpu", {"model", "batches", "evaluation"}),   # the gpu preset's task layout, and its AGAG
+    "seed": (1, {"batches", "evaluation", "training"}),      # also the initial weights (a test of its own)
+    "n_embd": (32, {"model"}),
+    "n_head": (4, {"model"}),
+    "layers": ("GA", {"model"}),
+    "layer_repeat": (2, {"model"}),
+    "sleep_passes": (3, {"model", "step", "evaluation"}),    # evaluated at the trained N by default
+    "sleep_blocks": ("1:2", {"model"}),
+    "eviction": ("sliding", {"model"}),
+    "bptt_passes": (1, {"model"}),
+    "checkpoint_windows": (True, {"model"}),
+    "input_injection": (True, {"model"}),
+    "train_sleep_passes": ("1,2", {"step"}),                 # step 0 draws N = 1 at seed 0
+    "curriculum_iters": (3, {"batches"}),
+    "ssm_warmup_iters": (1, {"step", "training"}),           # hard eviction, and only the G blocks train
+    "init_from": (lambda unchanged_run: str(unchanged_run), {"training"}),   # that run's trained weights
+    "optimizer": ("adamw", {"optimizer"}),
+    "batch_size": (4, {"batches"}),
+    "max_iters": (3, {"batches", "schedule", "step", "training"}),   # one step more
+    "learning_rate": (1e-3, {"optimizer"}),
+    "adamw_lr": (1e-3, {"optimizer"}),
+    "weight_decay": (0.1, {"optimizer"}),
+    "warmup_iters": (2, {"schedule"}),
+    "min_lr_frac": (0.5, {"schedule"}),
+    "grad_clip": (0.01, {"training"}),
+    "eval_examples": (4, {"evaluation"}),
+    "eval_sleep_passes": ("1", {"evaluation"}),
+}
+
+# Every setting that says how or where a run is done, not what is trained or measured: why, and (where one
+# fits in a tiny run in this process) another value, with which nothing above may change.
+RUN_CONTROL_SETTINGS = {
+    "eval_interval": ("when to evaluate and save, not what: see the run invariants below", 1),
+    "log_interval": ("when to print a progress line", 1),
+    "eval_batch_size": ("examples per evaluation forward pass: the same examples, the same accuracy", 4),
+    "parallel": ("how many runs of a --sweep train at once", 2),
+    "gradient_accumulation_steps": ("the same batch in micro-batches: the same update up to float rounding "
+                                    "(test_gradient_accumulation_gives_the_same_update)", None),
+    "eval_only": ("evaluates a saved run instead of training one", None),
+    "out_dir": ("where the run is saved (every run here has its own)", None),
+    "resume": ("continues the saved run with its own settings (test_resume_with_a_larger_max_iters_...)", None),
+    "sweep": ("trains one run per N with these settings (test_a_sweeps_table_and_fig2_...)", None),
+    "seeds": ("the seeds of a --sweep's runs", None),
+    "device": ("where the run computes; the CUDA tests compare devices", None),
+    "threads": ("CPU threads per process: the same numbers", None),
+    "compile": ("torch.compile of the same model (test_compiled_model_matches_eager_loss_and_gradients)", None),
+    "compile_mode": ("how --compile compiles", None),
+    "num_workers": ("processes that make the same batches ahead (test_worker_processes_make_exactly_...)", None),
+}
+
+# Every parameter of every task (at its cpu preset): another valid value, the destinations it changes, and
+# settings it needs (given before and after, so that only the parameter differs).
+TASK_PARAMETER_DESTINATIONS = {
+    "rule110": {
+        "states": (2, {"model", "batches", "evaluation"}),          # one query token per state and t
+        "width": (12, {"model", "batches", "evaluation"}),          # the window is a state
+        "t_min": (2, {"model", "batches", "evaluation"}),           # the vocabulary has a query per t trained
+        "t_max": (9, {"model", "batches"}),                         # ... or evaluated (t = 9 comes last)
+        "levels": ((2, 4), {"evaluation"}),
+    },
+    "depo": {
+        "max_nodes": (7, {"batches", "evaluation"}),                # evaluation graphs have max_nodes nodes
+        "min_nodes": (4, {"batches"}),
+        "name_tokens": (12, {"model", "batches", "evaluation"}),
+        "prefix_tokens": (2, {"batches", "evaluation"}, {"query_len": 18}),   # two-token names, in as many tokens
+        "max_hops": (1, {"batches"}),
+        "levels": ((1,), {"evaluation"}),
+        "queries": (2, {"batches", "evaluation"}),
+        "graph_len": (48, {"batches", "evaluation"}),
+        "query_len": (18, {"batches", "evaluation"}),
+        "window": (12, {"model"}),
+    },
+    "math": {
+        "rendering": ("realistic", {"model", "batches", "evaluation"},
+                      {"min_tokens": 98, "max_tokens": 168, "window": 96, "quantities": 48}),
+        "op_min": (2, {"batches"}),
+        "op_max": (3, {"batches"}),
+        "levels": ((1,), {"evaluation"}),
+        "values": (12, {"model", "batches", "evaluation"}),
+        "quantities": (30, {"model", "batches", "evaluation"}),
+        "min_tokens": (40, {"batches", "evaluation"}),
+        "max_tokens": (60, {"batches", "evaluation"}),
+        "window": (30, {"model"}),
+    },
+}
+
+# What the tests below run over, generated from TrainConfig and data.TASKS (not from the tables): (None, setting)
+# for every setting, (task, parameter) for every parameter of every task.
+SETTINGS = [f.name for f in dataclasses.fields(train.TrainConfig)]
+EVERY_SETTING = [(None, name) for name in SETTINGS] + \
+                [(task, key) for task in data.TASKS for key in data.make_task(task).params]
+SETTING_IDS = [name if task is None else f"{task}-{name}" for task, name in EVERY_SETTING]
+
+
+def flag(key, value):
+    return f"--{key}={','.join(map(str, value)) if isinstance(value, (tuple, list)) else value}"
+
+
+def fingerprint(x):
+    """x with every tensor replaced by (shape, dtype, hash of its bytes): comparable with ==."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().contiguous()
+        return ("tensor", tuple(x.shape), str(x.dtype), hashlib.blake2b(x.numpy().tobytes()).hexdigest())
+    if isinstance(x, dict):
+        return tuple(sorted(((k, fingerprint(v)) for k, v in x.items()), key=lambda kv: str(kv[0])))
+    if isinstance(x, (list, tuple)):
+        return tuple(fingerprint(v) for v in x)
+    return x
+
+
+def observe(run_dir, argv, run):
+    """What the settings TINY + argv give at each destination: model, batches and schedule, or (run=True) all,
+    from a tiny run trained into run_dir. A run also checks that its checkpoint records every setting and
+    task parameter, and that --resume restores them."""
+    cfg, overrides = command_line(TINY + argv + [f"--out_dir={run_dir}"])
+    task = data.make_task(cfg.task, preset=cfg.preset, **overrides)
+    seen = {"model": dataclasses.asdict(train.build_model(cfg, task).config)}
+    steps = train.StepBatches(task, cfg)
+    seen["batches"] = (len(steps), fingerprint([steps[s] for s in range(min(3, len(steps)))]))
+    seen["schedule"] = [train.lr_multiplier(step, cfg) for step in range(12)]
+    observed = dict(seen=seen, cfg=cfg, task=task, name=command_line(TINY + argv)[0].out_dir)
+    if not run:
+        return observed
+    asked, evaluated = [], set()
+    real_forward, real_evaluate = SleepLM.forward, train.evaluate
+
+    def forward(self, idx, targets=None, **kwargs):
+        if self.training:
+            asked.append((kwargs.get("sleep_passes"), kwargs.get("eviction")))
+        return real_forward(self, idx, targets, **kwargs)
+
+    def evaluate(*args, **kwargs):
+        call = inspect.signature(real_evaluate).bind(*args, **kwargs).arguments
+        evaluated.add((call["sleep_passes"], fingerprint(call["eval_data"])))
+        return real_evaluate(*args, **kwargs)
+
+    with mock.patch.object(SleepLM, "forward", forward), mock.patch.object(train, "evaluate", evaluate):
+        result = train.train(cfg, overrides, log=lambda *a: None)
+    ckpt = observed["ckpt"] = read_checkpoint(run_dir)
+    seen["optimizer"] = [[{k: v for k, v in group.items() if k not in ("params", "lr")}
+                          for group in opt["param_groups"]] for opt in ckpt["optimizers"]]
+    seen["step"] = asked
+    seen["evaluation"] = sorted(evaluated, key=repr)
+    seen["training"] = (result["losses"], fingerprint(ckpt["model"]))
+    assert len(result["losses"]) == cfg.max_iters and seen["evaluation"], "the run did not train and evaluate"
+
+    saved, settings = ckpt["config"], dataclasses.asdict(cfg)
+    assert saved == settings, (f"the checkpoint's settings differ from the run's: missing "
+                               f"{sorted(set(settings) - set(saved))}, differing "
+                               f"{sorted(k for k in saved if saved[k] != settings.get(k))}")
+    assert ckpt["task"] == task.params, f"the checkpoint's task parameters {ckpt['task']} are not {task.params}"
+    restored, restored_task = command_line([f"--out_dir={run_dir}", "--resume"])
+    differ = [k for k in SETTINGS if k not in RUN_CONTROL_SETTINGS and getattr(restored, k) != getattr(cfg, k)]
+    assert not differ, f"--resume restored other values of {differ}"
+    assert data.make_task(cfg.task, preset=cfg.preset, **restored_task).params == task.params
+    return observed
+
+
+@pytest.fixture(scope="module")
+def unchanged(tmp_path_factory):
+    """observe() of the unchanged settings TINY + argv, made once per module."""
+    made = {}
+
+    def get(argv, run):
+        if (tuple(argv), run) not in made:
+            made[tuple(argv), run] = observe(tmp_path_factory.mktemp("unchanged"), list(argv), run)
+        return made[tuple(argv), run]
+    return get
+
+
+def entry(task, name):
+    """(value, destinations, needed settings) of a setting (task None) or a task parameter, from the tables;
+    None for run control; a failure naming the table for a setting that is in none."""
+    if task is None:
+        if name in RUN_CONTROL_SETTINGS:
+            reason, _ = RUN_CONTROL_SETTINGS[name]
+            assert reason and name in resumable_with_other_values(), \
+                f"--{name} is run control here, but train.py does not let a resumed run change it (RUN_CONTROL)"
+            return None
+        found = SETTING_DESTINATIONS.get(name)
+        where = "SETTING_DESTINATIONS (another valid value and what it must change) or RUN_CONTROL_SETTINGS " \
+                "(why it changes nothing that is trained or measured)"
+    else:
+        found = TASK_PARAMETER_DESTINATIONS.get(task, {}).get(name)
+        where = f"TASK_PARAMETER_DESTINATIONS[{task!r}] (another valid value and what it must change)"
+    if found is None:
+        pytest.fail(f"{'--' + name if task is None else f'the {task} parameter {name}'} has no entry in the "
+                    f"tests: add it to {where}")
+    value, destinations, *needs = found
+    unknown = set(destinations) - set(DESTINATIONS)
+    assert not unknown, f"{name}: unknown destinations {unknown}; known: {sorted(DESTINATIONS)}"
+    return value, set(destinations), (needs[0] if needs else {})
+
+
+def check_setting(task, name, unchanged, tmp_path, run):
+    """Change one setting or task parameter from the unchanged tiny settings; assert that exactly the
+    destinations its table entry lists change (of those seen without a run, or of all with run=True)."""
+    found = entry(task, name)
+    if found is None:                                    # run control: where a value is given, nothing changes
+        value, destinations, given = RUN_CONTROL_SETTINGS[name][1], set(), []
+        if value is None:
+            return
+    else:
+        value, destinations, needs = found
+        given = ([] if task is None else [f"--task={task}"]) + [flag(k, v) for k, v in needs.items()]
+    before = unchanged(given, run)
+    value = value(before["cfg"].out_dir) if callable(value) else value
+    after = observe(tmp_path, given + [flag(name, value)], run)
+    what = f"--{name}={value}" + ("" if task is None else f" ({task})")
+    reached = getattr(after["cfg"], name) if task is None else after["task"].params[name]
+    assert str(reached) == str(value), f"{what}: the run's setting is {reached!r}"
+    for where, meaning in DESTINATIONS.items():
+        if where not in after["seen"]:
+            continue
+        changed = before["seen"][where] != after["seen"][where]
+        if where in destinations:
+            assert changed, f"{what} should change {where} ({meaning}), and did not"
+        elif where != "training" or found is None:
+            assert not changed, f"{what} changed {where} ({meaning}): list it in its entry, or stop the leak"
+    if destinations & TRAINING:
+        assert after["name"] != before["name"], f"{what} changes what is trained, but not the run's folder name"
+    elif found is None:
+        assert after["name"] == before["name"], f"{what} is run control, but it changes the run's folder name"
+
+
+@pytest.mark.parametrize("task, name", EVERY_SETTING, ids=SETTING_IDS)
+def test_each_setting_changes_what_its_entry_lists_of_the_model_batches_and_schedule(task, name, unchanged,
+                                                                                     tmp_path):
+    check_setting(task, name, unchanged, tmp_path, run=False)
+
+
+@slow
+@pytest.mark.parametrize("task, name", EVERY_SETTING, ids=SETTING_IDS)
+def test_each_setting_changes_what_its_entry_lists_in_a_tiny_run_and_is_saved(task, name, unchanged, tmp_path):
+    check_setting(task, name, unchanged, tmp_path, run=True)
+
+
+def test_the_tables_name_only_settings_and_parameters_that_exist():
+    tables = [*SETTING_DESTINATIONS, *RUN_CONTROL_SETTINGS]
+    assert sorted(tables) == sorted(set(tables)), "a setting is both run control and a training setting"
+    assert set(tables) <= set(SETTINGS), f"no such settings: {sorted(set(tables) - set(SETTINGS))}"
+    assert set(TASK_PARAMETER_DESTINATIONS) <= set(data.TASKS)
+    for task, table in TASK_PARAMETER_DESTINATIONS.items():
+        stale = set(table) - set(data.make_task(task).params)
+        assert not stale, f"{task} has no parameters {sorted(stale)}"
+
+
+def test_the_seed_decides_the_initial_weights_and_the_data_order(tmp_path):
+    def run(folder, seed):
+        """The initial weights (learning rates 0 keep them) and the inputs each training step saw."""
+        seen = []
+        real_forward = SleepLM.forward
+
+        def forward(self, idx, targets=None, **kwargs):
+            if self.training:
+                seen.append(idx.clone())
+            return real_forward(self, idx, targets, **kwargs)
+
+        cfg, overrides = command_line(TINY + [f"--seed={seed}", "--learning_rate=0", "--adamw_lr=0", "--max_iters=3",
+                                              "--eval_interval=3", f"--out_dir={tmp_path / folder}"])
+        with mock.patch.object(SleepLM, "forward", forward):
+            train.train(cfg, overrides, log=lambda *a: None)
+        steps = train.StepBatches(data.make_task(cfg.task, preset=cfg.preset, **overrides), cfg)
+        assert len(seen) == 3 and all(torch.equal(x, steps[s][0]) for s, x in enumerate(seen)), \
+            "training did not see StepBatches' batches in step order"
+        return read_checkpoint(tmp_path / folder)["model"], seen
+
+    (weights, batches), (weights_again, batches_again), (other_weights, other_batches) = \
+        run("a", 0), run("b", 0), run("c", 1)
+    random = [name for name, w in weights.items() if len(w.unique()) > 1]
+    assert len(random) >= 10
+    for name, w in weights.items():
+        assert torch.equal(weights_again[name], w), f"{name}: the same seed gave other initial weights"
+        assert name not in random or not torch.equal(other_weights[name], w), f"{name}: another seed, the same"
+    for step, x in enumerate(batches):
+        assert torch.equal(batches_again[step], x), f"step {step}: the same seed gave another batch"
+        assert not torch.equal(other_batches[step], x), f"step {step}: another seed gave the same batch"
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py: invariants of a run
+
+
+def run_for(run_dir, *argv):
+    """A tiny run: (its summary, its log lines, its checkpoint)."""
+    lines = []
+    cfg, overrides = command_line(TINY + [f"--out_dir={run_dir}", *argv])
+    result = train.train(cfg, overrides, log=lines.append)
+    return result, lines, read_checkpoint(run_dir)
+
+
+def without_elapsed(history):
+    return [{k: v for k, v in h.items() if k != "elapsed"} for h in history]
+
+
+@pytest.mark.parametrize("max_iters, eval_interval, log_interval", [(6, 3, 2), (7, 3, 2), (5, 8, 3), (3, 1, 5)])
+def test_the_last_step_is_logged_evaluated_and_saved_whatever_the_intervals(max_iters, eval_interval, log_interval,
+                                                                            tmp_path):
+    result, lines, ckpt = run_for(tmp_path, f"--max_iters={max_iters}", f"--eval_interval={eval_interval}",
+                                  f"--log_interval={log_interval}")
+    steps = range(1, max_iters + 1)
+    logged = [int(s) for s in re.findall(r"^step (\d+)/", "\n".join(lines), re.M)]
+    evaluated = [int(s) for s in re.findall(r"^eval step (\d+) N=2 ", "\n".join(lines), re.M)]
+    assert logged == [s for s in steps if s % log_interval == 0 or s == max_iters]
+    assert evaluated == [s for s in steps if s % eval_interval == 0 or s == max_iters]
+    assert [h["step"] for h in result["history"]] == evaluated
+    assert len(result["losses"]) == max_iters
+    assert result["final"] == {int(n): r for n, r in result["history"][-1]["eval"].items()}
+    assert ckpt["step"] == max_iters, f"the checkpoint holds step {ckpt['step']}, not the last, {max_iters}"
+    assert ckpt["losses"] == result["losses"] and ckpt["history"] == result["history"]
+
+
+def check_resume_extends_as_one_run(first, eval_interval, tmp_path, total=8):
+    # A flat learning rate after the warm-up: the cosine decay is stretched over max_iters, so only then is a
+    # run extended from `first` to `total` steps the same as a run of `total` steps from the start.
+    flat = ["--min_lr_frac=1", f"--eval_interval={eval_interval}", "--log_interval=1"]
+    whole, _, whole_ckpt = run_for(tmp_path / "whole", *flat, f"--max_iters={total}")
+    part, _, _ = run_for(tmp_path / "part", *flat, f"--max_iters={first}")
+    lines = []
+    cfg, overrides = command_line([f"--out_dir={tmp_path / 'part'}", "--resume", f"--max_iters={total}"])
+    resumed = train.train(cfg, overrides, log=lines.append)
+    ckpt = read_checkpoint(tmp_path / "part")
+    assert next(line for line in lines if line.startswith("step ")).startswith(f"step {first + 1}/{total} ")
+    assert resumed["losses"][:first] == part["losses"]
+    assert resumed["losses"] == whole["losses"]                     # float equality: bitwise the same run
+    assert fingerprint(ckpt["model"]) == fingerprint(whole_ckpt["model"])
+    assert fingerprint(ckpt["optimizers"]) == fingerprint(whole_ckpt["optimizers"])
+    assert ckpt["step"] == total and ckpt["history"][-1]["step"] == total
+    # the same evaluations, and the shorter run's own last one where it ended
+    expected = sorted(without_elapsed(whole["history"]) + ([] if first % eval_interval == 0
+                                                          else without_elapsed(part["history"][-1:])),
+                      key=lambda h: h["step"])
+    assert without_elapsed(resumed["history"]) == expected
+
+
+def test_resume_with_a_larger_max_iters_continues_as_one_run_of_that_length(tmp_path):
+    check_resume_extends_as_one_run(5, 3, tmp_path)       # 5 is no multiple of the evaluation interval
+
+
+@slow
+@pytest.mark.parametrize("first, eval_interval", [(4, 6), (6, 3)])
+def test_resume_extends_a_run_shorter_than_its_eval_interval_or_ending_on_an_evaluation(first, eval_interval,
+                                                                                         tmp_path):
+    check_resume_extends_as_one_run(first, eval_interval, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tables of a sweep and of scripts/fig2.py: mean and sample standard deviation (n - 1) over seeds
+
+
+def cell_numbers(cell):
+    """'0.500 ± 0.125 (...)' -> (0.5, 0.125); '0.500' or '0.500 (seed 0)' -> (0.5, None)."""
+    m = re.match(r"\s*([\d.]+)(?: ± ([\d.]+))?", cell)
+    return float(m[1]), (float(m[2]) if m[2] else None)
+
+
+def assert_printed(printed, value, what):
+    assert abs(printed - value) <= 0.0005 + 1e-9, f"{what}: the table says {printed:.3f}, numpy {value:.6f}"
+
+
+def fig2_module():
+    sys.path.insert(0, str(HERE / "scripts"))
+    import fig2
+    return fig2
+
+
+def test_the_tables_report_the_mean_and_the_sample_std_over_seeds():
+    # three seeds whose sample std (n - 1) and population std (n) differ in the third decimal
+    values = {1: [[0.25, 1.0], [0.5, 0.75], [1.0, 0.5]], 2: [[0.125, 0.0], [0.125, 0.0], [0.0, 0.25]]}
+    task = data.make_task("rule110", levels=(2, 4))
+    runs = [dict(sleep_passes=n, seed=seed, final={lv: {"exact": v, "item": v} for lv, v in zip(task.levels, row)},
+                 elapsed=60.0) for n, rows in values.items() for seed, row in enumerate(rows)]
+    table = {line.split("|")[1].strip(): line.split("|")[2:4]
+             for line in results_table(task, runs).splitlines()[2:]}
+    fig2 = fig2_module()
+    for n, rows in values.items():
+        for level, column in enumerate(np.array(rows).T):
+            mean, std = cell_numbers(table[str(n)][level])
+            assert_printed(mean, column.mean(), f"results table N={n} mean")
+            assert_printed(std, column.std(ddof=1), f"results table N={n} std")
+            fig2_mean, fig2_std = fig2.stats(column.tolist())
+            assert fig2_mean == pytest.approx(column.mean()) and fig2_std == pytest.approx(column.std(ddof=1))
+    assert fig2.stats([0.5]) == (0.5, 0.0)
+
+
+@slow
+def test_a_sweeps_table_and_fig2_agree_with_numpy_on_the_runs_numbers(tmp_path, capsys):
+    # one t trained and evaluated, as a cell of fig2's grid; levels 2 and 4 evaluated, for the sweep's table
+    argv = [*TINY, "--max_iters=3", "--eval_interval=3", "--eval_examples=16", "--t_min=2", "--t_max=2",
+            "--levels=2,4", "--sweep=1,2", "--seeds=0,1,2", f"--out_dir={tmp_path / 'sweep'}"]
+    train.main(argv)
+    task = data.make_task("rule110", t_min=2, t_max=2, levels=(2, 4))
+    accuracy = {(n, seed): read_checkpoint(tmp_path / "sweep" / f"N{n}_seed{seed}")["history"][-1]["eval"][str(n)]
+                for n in (1, 2) for seed in (0, 1, 2)}
+    table = {line.split("|")[1].strip(): line.split("|")[2:4]
+             for line in (tmp_path / "sweep" / "results.md").read_text().splitlines()[2:]}
+    fig2 = fig2_module()
+    fig2.main([f"--root={tmp_path / 'sweep'}", "--steps=3", f"--out={tmp_path / 'fig2'}"])
+    grid = {line.split("|")[1].strip(): line.split("|")[2]
+            for line in (tmp_path / "fig2.md").read_text().splitlines()[2:] if line.startswith("| ")}
+    apart = 0.0
+    for n in (1, 2):
+        for i, level in enumerate(task.levels):
+            column = np.array([accuracy[n, seed][level][task.metric] for seed in (0, 1, 2)])
+            mean, std = cell_numbers(table[str(n)][i])
+            assert_printed(mean, column.mean(), f"results.md N={n} t={level} mean")
+            assert_printed(std, column.std(ddof=1), f"results.md N={n} t={level} std")
+            apart = max(apart, column.std(ddof=1) - column.std(ddof=0))
+            if level == 2:
+                mean, std = cell_numbers(grid[str(n)])
+                assert_printed(mean, column.mean(), f"fig2 N={n} mean")
+                assert_printed(std, column.std(ddof=1), f"fig2 N={n} std")
+                assert f"({' / '.join(f'{v:.3f}' for v in column)})" in grid[str(n)]
+    assert apart > 0.002, "the seeds scored too alike to tell n - 1 from n in the standard deviation"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1980,7 +3090,7 @@ def test_quick_bench_produces_every_row_with_finite_numbers(tmp_path):
     # One thread: on a shared 2-core machine two OpenMP threads can stall for seconds per step.
     done = subprocess.run([sys.executable, "bench.py", "--quick", "--device=cpu", "--threads=1", "--peak_tflops=1",
                            f"--json={out}"],
-                          cwd=HERE, timeout=120, capture_output=True, text=True)
+                          cwd=HERE, timeout=HANG_GUARD, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     counts = {}
@@ -2210,6 +3320,151 @@ def test_probe_and_bench_use_one_thread_and_print_each_line_as_it_comes_into_a_f
     # block-buffered, the whole output (a few KB) would reach the file only when the process ends
     assert seen.count("\n") >= 1 and final.startswith(seen) and final.count("\n") > seen.count("\n"), (seen, final)
     assert re.search(r"\b1 threads?\b", final.splitlines()[0]), final.splitlines()[0]   # not torch's one per core
+
+
+# ----------------------------------------------------------------------------------------------------
+# probe.py: the fit and test splits, the majority baseline, a planted linear code
+
+
+def quiet_run(folder, *extra):
+    """A run folder of train.py after one step (the probe reads the split and S, not what was learned)."""
+    cfg, overrides = smoke_config(folder, *extra, "--max_iters=1", "--eval_interval=1", "--log_interval=1",
+                                  "--warmup_iters=0")
+    train.train(cfg, overrides, log=lambda *a: None)
+    return folder
+
+
+def recorded_probe_run(monkeypatch, out_dir, examples):
+    """probe_run on out_dir, recording the examples it read S from and the (fit, test) splits it fitted on."""
+    seen = {"idx": [], "splits": []}
+    collect_states, probe_states = probe.collect_states, probe.probe_states
+
+    def collect_recording(model, idx, targets, *args, **kwargs):
+        seen["idx"].append(idx)
+        return collect_states(model, idx, targets, *args, **kwargs)
+
+    def probe_recording(passes, carried, items, split, *args, **kwargs):
+        seen["splits"].append(split)
+        return probe_states(passes, carried, items, split, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "collect_states", collect_recording)
+    monkeypatch.setattr(probe, "probe_states", probe_recording)
+    cfg = probe.parse_args([f"--out_dir={out_dir}", f"--examples={examples}", "--md=", "--png="])
+    return probe.probe_run(out_dir, cfg, log=lambda *a: None), seen
+
+
+@pytest.mark.parametrize("extra", [
+    ("--task=rule110", "--width=8"),                 # 256 states: the evaluation draws repeat states
+    ("--task=depo", "--max_nodes=4", "--name_tokens=5", "--max_hops=2", "--levels=1,2", "--queries=2",
+     "--query_len=8"),                               # few graphs: the evaluation draws repeat graphs
+])
+def test_probe_fit_and_test_splits_share_no_consolidated_input(tmp_path, monkeypatch, extra):
+    summary, seen = recorded_probe_run(monkeypatch, quiet_run(tmp_path, *extra), examples=64)
+    task = summary["task"]
+    consolidated = task.params["graph_len"] if task.name == "depo" else task.params["states"] * task.params["width"]
+    # what the evaluation stream gives at these sizes holds repeated consolidated inputs
+    drawn = torch.cat([task.eval_set(level, 64 // len(task.levels) + 1)[0] for level in task.levels])
+    assert len({tuple(row) for row in drawn[:, :consolidated].tolist()}) < len(drawn)
+    idx = seen["idx"][0]
+    assert all(torch.equal(other, idx) for other in seen["idx"])     # trained and untrained read the same rows
+    assert torch.from_numpy(task.in_eval_split(idx)).all()          # held out: never trained on
+    assert len(seen["splits"]) == 2                                  # trained, untrained: one split for both
+    for fit, test in seen["splits"]:
+        assert torch.equal(fit, seen["splits"][0][0]) and torch.equal(test, seen["splits"][0][1])
+        assert len(set(fit.tolist())) == len(fit) and len(set(test.tolist())) == len(test)
+        assert set(fit.tolist()).isdisjoint(test.tolist())
+        assert sorted(fit.tolist() + test.tolist()) == list(range(len(idx)))
+        assert len(test) == round(0.25 * len(idx)) and (summary["fit"], summary["test"]) == (len(fit), len(test))
+        fit_inputs = {tuple(row) for row in idx[fit, :consolidated].tolist()}
+        test_inputs = {tuple(row) for row in idx[test, :consolidated].tolist()}
+        assert fit_inputs.isdisjoint(test_inputs), "an input the read-outs are scored on was fitted on"
+        assert len(fit_inputs) == len(fit)         # nor twice in the fit split (its validation part is one of them)
+    if task.name == "depo":                        # the probed names are chosen from the fit split's graphs only
+        fit_rows = idx[seen["splits"][0][0]]
+        in_fit_graphs = {source for row in fit_rows for source, _ in depo_edges(task, task.decode(row).split())[1]}
+        assert summary["names"] and set(summary["names"]) <= in_fit_graphs
+
+
+def planted_case(n_classes, seed, examples=800, features=24, variables=4, noise=0.1):
+    """Features X (standard normal, then offset and scaled per feature) and labels (B, V, 1) read from a
+    fixed linear map of X plus noise: for bits, whether the map exceeds half its scale (about 30% ones);
+    for more classes, the argmax of n_classes maps, the last one favoured (an unbalanced target)."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(examples, features, generator=g, dtype=torch.float64)
+    maps = torch.randn(features, variables, n_classes, generator=g, dtype=torch.float64)
+    scale = maps.norm(dim=0)                                                        # (V, C)
+    scores = torch.einsum("bf,fvc->bvc", Z, maps)
+    scores = scores + noise * scale * torch.randn(scores.shape, generator=g, dtype=torch.float64)
+    if n_classes == 2:
+        labels = (scores[..., 0] > 0.5 * scale[:, 0]).long()
+    else:
+        labels = (scores + torch.tensor([0.0] * (n_classes - 1) + [0.7]) * scale).argmax(-1)
+    X = 3 + Z * (0.5 + torch.rand(features, generator=g, dtype=torch.float64))
+    order = torch.randperm(examples, generator=g)
+    split = (order[examples // 4:], order[:examples // 4])
+    return X, labels[..., None], split, torch.randperm(len(split[0]), generator=g)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_probe_readout_recovers_a_planted_linear_code_and_shuffled_targets_stay_at_chance(n_classes, seed):
+    X, labels, split, shuffle = planted_case(n_classes, seed)
+    results = probe.probe_states({0: [X]}, X, [probe.Item(window=0, labels=labels)], split, n_classes,
+                                 val_frac=0.25, shuffle=shuffle)
+    majority = probe.majority_rate(labels[split[1]].flatten(1), n_classes)        # (V,)
+    assert 0.4 < majority.min() and majority.max() < 0.8                          # unbalanced, not trivial
+    for row in ("pass 1", "carried to query"):
+        real, shuffled = results[row]["real"].flatten(), results[row]["shuffled"].flatten()
+        assert real.min() > (0.88 if n_classes == 2 else 0.8) and (real - majority).min() > 0.15, (row, real, majority)
+        assert (shuffled - majority).abs().max() < 0.06, (row, shuffled, majority)
+
+
+def test_probe_readout_scores_the_majority_rate_on_features_that_carry_nothing():
+    g = torch.Generator().manual_seed(0)
+    examples, features = 600, 16
+    X = 5 + 3 * torch.randn(examples, features, generator=g, dtype=torch.float64)
+    # unbalanced targets whose majority is not class 0 (a tie or a lost intercept falls back to class 0),
+    # with and without unscored rows (-1, as Depo's absent names); and constant targets
+    unbalanced = torch.multinomial(torch.tensor([0.15, 0.7, 0.15]), examples * 6, replacement=True,
+                                   generator=g).view(examples, 6, 1)
+    missing = unbalanced.clone()
+    missing[torch.rand(missing.shape, generator=g) < 0.3] = -1
+    constant = torch.full((examples, 6, 1), 2)
+    constant[: examples // 2, 3:] = -1
+    items = [probe.Item(window=0, labels=labels) for labels in (unbalanced, missing, constant)]
+    order = torch.randperm(examples, generator=g)
+    split = (order[examples // 4:], order[:examples // 4])
+    shuffle = torch.randperm(len(split[0]), generator=g)
+    results = probe.probe_states({0: [X]}, X, items, split, n_classes=3, val_frac=0.25, shuffle=shuffle)
+    for kind in ("real", "shuffled"):
+        for i, item in enumerate(items):
+            test_labels = item.labels[split[1]].flatten(1)
+            majority = probe.majority_rate(test_labels, 3)
+            for v in range(test_labels.shape[1]):          # an independent count of the majority rate
+                counts = collections.Counter(x for x in test_labels[:, v].tolist() if x >= 0)
+                assert abs(majority[v].item() - max(counts.values()) / sum(counts.values())) < 1e-12
+            accuracy = results["pass 1"][kind][i].flatten()
+            assert (accuracy - majority).min() > -0.03 and (accuracy - majority).mean() > -0.01, (kind, i, accuracy)
+            assert (accuracy - majority).max() < 0.05, (kind, i, accuracy)
+    assert (results["pass 1"]["real"][2] == 1).all()        # a constant target: every scored test row right
+
+
+def test_probe_readout_predicts_each_test_row_from_the_fit_rows_alone():
+    """A test row's prediction does not depend on which other test rows are scored with it (no statistics of
+    the test split enter the read-out)."""
+    X, labels, split, _ = planted_case(3, seed=3, noise=1.0)
+    fit, test = split
+    groups = torch.arange(labels.shape[1])
+    guesses, _ = probe.readout_predictions(X[fit], labels[fit].flatten(1), X[test], 3, groups, 0.25)
+    part = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:17]
+    some, _ = probe.readout_predictions(X[fit], labels[fit].flatten(1), X[test][part], 3, groups, 0.25)
+    assert torch.equal(some, guesses[part])
+    other_rows, _ = probe.readout_predictions(X[fit], labels[fit].flatten(1), X[test][part].flip(1), 3, groups, 0.25)
+    assert not torch.equal(other_rows, some)       # and the prediction does read the row itself
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.py, Rule 110: the answers are the rollout of each state, one state per window
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -76,8 +76,9 @@ def write_record(path, rows, fields=FIELDS):
 
 
 def stats(values):
+    """Mean and sample standard deviation (n - 1 in the denominator; 0 for one value), as train.py's tables."""
     values = torch.tensor(values, dtype=torch.float64)
-    return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
+    return values.mean().item(), (values.std(correction=1).item() if len(values) > 1 else 0.0)
 
 
 def split(rows, steps):
