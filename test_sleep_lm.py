@@ -1477,6 +1477,7 @@ def test_math_answers_match_evaluating_the_decoded_statements(rendering):
 # data.py: the distributions each task promises
 
 
+@slow
 @pytest.mark.parametrize("preset, examples", [("cpu", 10_000), ("paper", 4000)])
 def test_depo_training_graph_sizes_follow_the_weights_one_over_n_plus_sqrt_max_nodes(preset, examples):
     task = data.make_task("depo", preset)
@@ -3541,6 +3542,7 @@ NOT_RUN_HERE = re.compile(r"^(pip |bash scripts/|torchrun |python -m pytest )|--
                           r"|^python bench\.py(?!.*--quick)")
 
 
+@slow
 def test_every_command_and_code_block_in_the_docs_runs_as_written_after_the_quick_start(tmp_path, monkeypatch, capsys):
     """Runs each fenced command and code block of README.md and docs/, in order, from a copy of the repository
     root. The presets shrink to a few steps of a tiny model, and every --max_iters given with them by the same
