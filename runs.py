@@ -512,17 +512,23 @@ def describe(task, model, device):
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M params | {device}{world}")
 
 
-def progress_line(run, cfg, logged, grad_norm, later_steps, device):
+def progress_line(run, cfg, logged, first, grad_norm, later_steps, device):
     """step, loss, gradient norm, learning rate, ms/step and tokens/s since the last line (logged: its
-    (step, elapsed)), peak GPU memory, eta (in a sweep also the sweep's: later_steps, see train)."""
+    (step, elapsed)), peak GPU memory, eta (in a sweep also the sweep's: later_steps, see train). first:
+    (step, elapsed) after this process's first step, which is logged at once; its time holds the start-up
+    (and with --compile the compiling), so the eta is from the steps after it."""
     ms = (run.elapsed - logged[1]) * 1000 / (run.step - logged[0])
-    eta = (cfg.max_iters - run.step) * run.elapsed / run.step
-    eta = f"{eta / 60:.1f} min" + (f" | sweep eta {(eta + later_steps * run.elapsed / run.step) / 60:.1f} min"
-                                   if later_steps is not None else "")
+    if run.step == first[0] and run.step < cfg.max_iters:
+        eta = f"first step{' (compiling included)' if cfg.compile else ''}: eta from the next line"
+    else:
+        per_step = (run.elapsed - first[1]) / (run.step - first[0]) if run.step > first[0] else ms / 1000
+        left = (cfg.max_iters - run.step) * per_step
+        eta = f"eta {left / 60:.1f} min" + (f" | sweep eta {(left + later_steps * per_step) / 60:.1f} min"
+                                            if later_steps is not None else "")
     memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device.startswith("cuda") else ""
     return (f"step {run.step}/{cfg.max_iters} ({100 * run.step / cfg.max_iters:.0f}%) | loss {run.losses[-1]:.4f} "
             f"| grad norm {grad_norm:.4g} | lr {run.optimizers[0].param_groups[0]['lr']:.2e} "
-            f"| {ms:.0f} ms/step | {cfg.batch_size * run.task.seq_len * 1000 / ms:,.0f} tok/s{memory} | eta {eta}")
+            f"| {ms:.0f} ms/step | {cfg.batch_size * run.task.seq_len * 1000 / ms:,.0f} tok/s{memory} | {eta}")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -601,14 +607,16 @@ def sweep(cfg, task_overrides, train, log=print):
     labels = {c.out_dir: f"[run {i + 1}/{len(run_cfgs)} N={c.sleep_passes} seed={c.seed}]"
               for i, c in enumerate(run_cfgs)}
     parallel = sweep_parallel(cfg, len(run_cfgs))
+    windows = window_counts(task)
     if parallel > 1:
-        train_side_by_side([c for c in run_cfgs if not finished(c)], task_overrides, parallel, log, labels)
+        train_side_by_side([c for c in run_cfgs if not finished(c)], task_overrides, parallel, log, labels, windows)
     runs = []
     for i, run_cfg in enumerate(run_cfgs):
         done = os.path.exists(os.path.join(run_cfg.out_dir, "ckpt.pt"))
         label = labels[run_cfg.out_dir]
         log(f"{label} {('collecting' if finished(run_cfg) else 'resuming') if done else 'training'}: {run_cfg.out_dir}")
-        later = sum(c.max_iters * c.sleep_passes / run_cfg.sleep_passes for c in run_cfgs[i + 1:] if not finished(c))
+        later = sum(c.max_iters * step_ms(c.sleep_passes, {run_cfg.sleep_passes: 1.0}, windows)   # in its steps
+                    for c in run_cfgs[i + 1:] if not finished(c))
         result = train(dataclasses.replace(run_cfg, resume=done), task_overrides,
                        lambda text, label=label: log(f"{label} {text}"), later_steps=later)
         if int(os.environ.get("RANK", 0)) != 0:
@@ -665,10 +673,11 @@ class SideRun:
     told: bool = False            # Ctrl-C passed on to it
 
 
-def train_side_by_side(run_cfgs, task_overrides, parallel, log, labels):
+def train_side_by_side(run_cfgs, task_overrides, parallel, log, labels, windows):
     """Train each run as `python train.py` with all its settings, up to `parallel` processes at once.
     Each writes its log to out_dir/train.log; its step and eval lines are shown here, labelled, with
-    an estimate for the whole sweep. Ctrl-C is passed on to the runs, which save a checkpoint."""
+    an estimate for the whole sweep (windows: the task's, see step_ms). Ctrl-C is passed on to the runs,
+    which save a checkpoint."""
     waiting, running, ms_per_step = list(run_cfgs), [], {}
     with stop_on_ctrl_c() as stop:
         try:
@@ -683,7 +692,8 @@ def train_side_by_side(run_cfgs, task_overrides, parallel, log, labels):
                             run.process.send_signal(signal.SIGINT)
                             run.told = True
                 for run in running:
-                    relay(run, labels, log, ms_per_step, lambda: sweep_eta(running, waiting, ms_per_step, parallel))
+                    relay(run, labels, log, ms_per_step,
+                          lambda: sweep_eta(running, waiting, ms_per_step, parallel, windows))
                 for run in [r for r in running if r.process.poll() is not None]:
                     running.remove(run)
                     run.log.close()
@@ -715,7 +725,8 @@ def start_run(run_cfg, task_overrides):
 
 
 def relay(run, labels, log, ms_per_step, sweep_eta):
-    """Show the new step and eval lines of a run's train.log; remember its ms/step and eta."""
+    """Show the new step and eval lines of a run's train.log; remember its ms/step and eta (not from the
+    line of its first step, whose time holds the start-up)."""
     with open(run.path) as f:
         f.seek(run.read)
         text = f.read()
@@ -726,22 +737,49 @@ def relay(run, labels, log, ms_per_step, sweep_eta):
         if step:
             ms_per_step[run.cfg.sleep_passes] = int(step.group(1))
             run.eta = float(step.group(2)) * 60
-            line += f" | sweep eta {sweep_eta() / 60:.1f} min"
-        if step or line.startswith(("eval ", "error")):
+            seconds, bound = sweep_eta()
+            line += f" | sweep eta {'at least ' if bound else ''}{seconds / 60:.1f} min"
+        if line.startswith(("step ", "eval ", "error")):
             log(f"{labels[run.cfg.out_dir]} {line}")
 
 
-def sweep_eta(running, waiting, ms_per_step, parallel):
-    """Seconds until the sweep is done: the runs under way, then the waiting ones shared among the
-    processes (a waiting run's ms/step from a run with its N, else scaled by N from the slowest seen)."""
-    per_pass = max((ms / n for n, ms in ms_per_step.items()), default=0.0)
+def window_counts(task):
+    """(C, P): the task's consolidation windows (no answer in them: N passes each) and prediction windows."""
+    _, targets, _ = task.eval_set(task.levels[-1], 8)
+    answered = [bool((targets[:, w:w + task.window] != -1).any()) for w in range(0, task.seq_len, task.window)]
+    return answered.count(False), answered.count(True)
 
+
+def step_ms(n, seen, windows):
+    """ms/step at N = n from the ms/step seen at other N ({N: ms}), never more than it is for a task whose
+    step costs an overhead a >= 0 plus b >= 0 per window pass: N passes over each of its C consolidation
+    windows and one over each of its P prediction windows (windows = (C, P)), ms = a + b (C N + P).
+    Two or more N seen: the line through them (least squares; exact for such a task). One N0 seen: the
+    least that such a task can take, ms0 at a larger N (all overhead), ms0 (C n + P) / (C N0 + P) at a
+    smaller one (no overhead)."""
+    (c, p), ns = windows, sorted(seen)
+    if len(ns) == 1:
+        return seen[ns[0]] * min(1.0, (c * n + p) / (c * ns[0] + p))
+    mean_n, mean_ms = sum(ns) / len(ns), sum(seen.values()) / len(ns)
+    slope = max(0.0, sum((k - mean_n) * (seen[k] - mean_ms) for k in ns) / sum((k - mean_n) ** 2 for k in ns))
+    return max(0.0, mean_ms + slope * (n - mean_n))
+
+
+def sweep_eta(running, waiting, ms_per_step, parallel, windows):
+    """(seconds until the sweep is done, whether that is only a lower bound): the runs under way (their own
+    eta), then the waiting ones shared among the processes, at step_ms from the N seen so far. A lower
+    bound while only one N has been seen and another is still to come (see step_ms)."""
     def seconds(c):
-        return c.max_iters * ms_per_step.get(c.sleep_passes, per_pass * c.sleep_passes) / 1000
+        return c.max_iters * step_ms(c.sleep_passes, ms_per_step, windows) / 1000
 
     busy = [r.eta if r.eta is not None else seconds(r.cfg) for r in running]   # no line of its own yet
-    queued = sum(seconds(c) for c in waiting)
-    return max(max(busy, default=0.0), (sum(busy) + queued) / parallel)
+    queued = [seconds(c) for c in waiting]
+    first_free = min(busy) if len(busy) >= parallel else 0.0
+    bound = len(ms_per_step) < 2 and any(c.sleep_passes not in ms_per_step
+                                         for c in [r.cfg for r in running if r.eta is None] + waiting)
+    # the longest run under way, the longest waiting one after the first process frees up, all the work shared
+    end = max(max(busy, default=0.0), first_free + max(queued, default=0.0), (sum(busy) + sum(queued)) / parallel)
+    return end, bound
 
 
 def accuracy_over_seeds(task, runs):

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from unittest import mock
 
@@ -2567,6 +2568,71 @@ def test_a_sweep_refuses_a_checkpoint_of_another_task(tmp_path):
         runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
 
 
+def test_step_ms_is_exact_from_two_n_and_never_above_the_truth_from_one():
+    """Made-up ms/step of tasks whose step costs an overhead a plus b per window pass (N over each of C
+    consolidation windows, one over each of P prediction windows): two N seen give every N; one N seen
+    gives no more than the truth, and the truth where the model leaves no choice (a = 0 below, b = 0 above)."""
+    gen = random.Random(0)
+    for _ in range(300):
+        c, p, a, b = gen.randint(1, 4), gen.randint(1, 2), gen.choice([0.0, gen.uniform(0, 80)]), gen.uniform(0, 40)
+        true = lambda n: a + b * (c * n + p)     # noqa: E731
+        ns = gen.sample(range(1, 9), 3)
+        for k in (2, 3):
+            seen = {n: true(n) for n in ns[:k]}
+            assert all(runs.step_ms(n, seen, (c, p)) == pytest.approx(true(n)) for n in range(1, 9))
+        n0 = ns[0]
+        for n in range(1, 9):
+            estimate = runs.step_ms(n, {n0: true(n0)}, (c, p))
+            assert estimate <= true(n) * (1 + 1e-9)
+            if (a == 0 and n <= n0) or n == n0:
+                assert estimate == pytest.approx(true(n))
+            if n >= n0:                           # all overhead (b = 0): the same at every N
+                assert runs.step_ms(n, {n0: a}, (c, p)) == pytest.approx(a)
+
+
+def test_the_sweep_eta_is_never_above_the_time_the_sweep_takes_and_at_least_half_of_it():
+    """Side-by-side runs of made-up costs, started in order as processes free up: the eta (a lower bound on
+    any such schedule's end) is never later than the simulated end, and once two N have been seen not below
+    half of it (a process is never idle while runs wait)."""
+    gen = random.Random(1)
+    for _ in range(300):
+        c, p, a, b = gen.randint(1, 4), gen.randint(1, 2), gen.uniform(0, 80), gen.uniform(1, 40)
+        ms = lambda n: a + b * (c * n + p)     # noqa: E731
+        cfgs = [types.SimpleNamespace(sleep_passes=gen.choice([1, 2, 3, 4, 8]), max_iters=gen.randint(10, 500))
+                for _ in range(gen.randint(1, 8))]
+        parallel = gen.randint(1, 3)
+        running = [types.SimpleNamespace(cfg=cfg, eta=None) for cfg in cfgs[:parallel]]
+        waiting = cfgs[parallel:]
+        seen = {}
+        for r in running:                         # some running runs have logged a line: their eta and ms/step
+            if gen.random() < 0.7:
+                r.eta = gen.uniform(0, 1) * r.cfg.max_iters * ms(r.cfg.sleep_passes) / 1000
+                seen[r.cfg.sleep_passes] = ms(r.cfg.sleep_passes)
+        if not seen:
+            continue
+        left = [r.eta if r.eta is not None else r.cfg.max_iters * ms(r.cfg.sleep_passes) / 1000 for r in running]
+        left += [0.0] * (parallel - len(left))
+        for cfg in waiting:                       # each waiting run on the first process to free up
+            i = min(range(parallel), key=lambda j: left[j])
+            left[i] += cfg.max_iters * ms(cfg.sleep_passes) / 1000
+        eta, bound = runs.sweep_eta(running, waiting, seen, parallel, (c, p))
+        assert eta <= max(left) * (1 + 1e-9)
+        if len(seen) >= 2:
+            assert not bound and eta >= max(left) / 2 * (1 - 1e-9)
+        elif any(cfg.sleep_passes not in seen for cfg in waiting):
+            assert bound
+
+
+def test_window_counts_are_the_windows_before_the_answers_and_those_holding_them():
+    for name in ("rule110", "depo", "math"):
+        task = data.make_task(name, preset="cpu")
+        consolidation, prediction = runs.window_counts(task)
+        _, targets, _ = task.eval_set(task.levels[0], 4, seed=5)
+        answered = [bool((targets[:, w:w + task.window] >= 0).any()) for w in range(0, task.seq_len, task.window)]
+        assert consolidation + prediction == len(answered) and prediction >= 1
+        assert answered == [False] * consolidation + [True] * prediction, name
+
+
 @slow
 def test_a_parallel_sweep_trains_its_runs_side_by_side_as_the_sequential_one_does(tmp_path):
     cfg, overrides = smoke_config(tmp_path / "seq", "--sweep=1,2", "--task=depo", "--max_hops=1")
@@ -2582,7 +2648,10 @@ def test_a_parallel_sweep_trains_its_runs_side_by_side_as_the_sequential_one_doe
         assert losses[1] == losses[0]                   # bitwise: one thread per process either way
     assert "max_hops=1" in (tmp_path / "par" / "N2_seed0" / "train.log").read_text()
     # the runs' own step lines come through, labelled, with an estimate for the whole sweep
-    assert any(re.match(r"\[run 2/2 N=2 seed=0\] step 4/4 .*\| sweep eta [\d.]+ min$", line) for line in lines)
+    assert any(re.match(r"\[run 2/2 N=2 seed=0\] step 4/4 .*\| sweep eta (at least )?[\d.]+ min$", line)
+               for line in lines)
+    assert any(re.match(r"\[run 2/2 N=2 seed=0\] step 1/4 .*\| first step: eta from the next line$", line)
+               for line in lines)
     assert lines[-1].startswith("checkpoints: ") and str(tmp_path / "par" / "N2_seed0" / "ckpt.pt") in lines[-1]
     auto = dataclasses.replace(cfg, parallel=0)                # by default one run per core on the CPU
     assert runs.sweep_parallel(auto, 2) == min(2, os.cpu_count()) and runs.sweep_parallel(auto, 1) == 1
@@ -2968,13 +3037,30 @@ def test_the_last_step_is_logged_evaluated_and_saved_whatever_the_intervals(max_
     steps = range(1, max_iters + 1)
     logged = [int(s) for s in re.findall(r"^step (\d+)/", "\n".join(lines), re.M)]
     evaluated = [int(s) for s in re.findall(r"^eval step (\d+) N=2 ", "\n".join(lines), re.M)]
-    assert logged == [s for s in steps if s % log_interval == 0 or s == max_iters]
+    assert logged == [s for s in steps if s == 1 or s % log_interval == 0 or s == max_iters]
     assert evaluated == [s for s in steps if s % eval_interval == 0 or s == max_iters]
     assert [h["step"] for h in result["history"]] == evaluated
     assert len(result["losses"]) == max_iters
     assert result["final"] == {int(n): r for n, r in result["history"][-1]["eval"].items()}
     assert ckpt["step"] == max_iters, f"the checkpoint holds step {ckpt['step']}, not the last, {max_iters}"
     assert ckpt["losses"] == result["losses"] and ckpt["history"] == result["history"]
+
+
+@pytest.mark.parametrize("first, total, log_interval", [(3, 9, 4), (4, 6, 4), (2, 3, 5)])
+def test_a_run_logs_its_first_step_at_once_then_every_interval_and_its_last(first, total, log_interval, tmp_path):
+    run_for(tmp_path, f"--max_iters={first}", f"--eval_interval={first}")
+    lines = []
+    cfg, overrides = command_line([f"--out_dir={tmp_path}", "--resume", f"--max_iters={total}",
+                                   f"--log_interval={log_interval}"])
+    train.train(cfg, overrides, log=lines.append)
+    step_lines = [line for line in lines if line.startswith("step ")]
+    logged = [int(re.match(r"step (\d+)/", line)[1]) for line in step_lines]
+    steps = range(first + 1, total + 1)         # a resumed process's first step is its own first line
+    assert logged == [s for s in steps if s == first + 1 or s % log_interval == 0 or s == total]
+    # the first line's time holds the start-up: it says so instead of an eta; every later line has one
+    assert step_lines[0].endswith("| first step: eta from the next line") or total == first + 1
+    assert all(re.search(r"\| eta [\d.]+ min$", line) for line in step_lines[1:])
+    assert re.search(r"\| eta 0\.0 min$", step_lines[-1])
 
 
 def check_resume_extends_as_one_run(first, eval_interval, tmp_path, total=8):

@@ -80,7 +80,7 @@ class TrainConfig:
     eval_batch_size: int = 256       # examples per evaluation forward pass
     eval_sleep_passes: str = ""      # comma list of N to evaluate at; "" = the trained N
     eval_only: bool = False          # evaluate the run's checkpoint, do not train
-    log_interval: int = 50           # print a log line every this many steps
+    log_interval: int = 50           # print a log line every this many steps (and after the first and the last)
     # runs
     out_dir: str = ""                # "" = out/<task>-<preset>/N<n>_seed<s><settings that differ from the preset>
     resume: bool = False             # continue the run in out_dir with the checkpoint's settings
@@ -350,7 +350,8 @@ def train(cfg, task_overrides, log=print, later_steps=None):
     batches = step_batches(StepBatches(task, cfg, rank, world_size), run.step, workers,
                            pin_memory=device.startswith("cuda"))
     sleep_choices = runs.int_list(cfg.train_sleep_passes, "train_sleep_passes")
-    logged = (run.step, run.elapsed)
+    logged = (run.step, run.elapsed)   # the last progress line's step and time: ms/step is since then
+    first = None                       # (step, time) after this process's first step: logged at once
     with runs.stop_on_ctrl_c(enabled=world_size == 1) as stop:
         while run.step < cfg.max_iters:
             t0 = time.time()
@@ -363,8 +364,9 @@ def train(cfg, task_overrides, log=print, later_steps=None):
             run.losses.append(loss)
             run.step += 1
             run.elapsed += time.time() - t0
-            if run.step % cfg.log_interval == 0 or run.step == cfg.max_iters:
-                log(runs.progress_line(run, cfg, logged, grad_norm, later_steps, device))
+            first = first or (run.step, run.elapsed)
+            if run.step == first[0] or run.step % cfg.log_interval == 0 or run.step == cfg.max_iters:
+                log(runs.progress_line(run, cfg, logged, first, grad_norm, later_steps, device))
                 logged = (run.step, run.elapsed)
             evaluated = rank == 0 and (run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters)
             if evaluated:
