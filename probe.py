@@ -4,6 +4,10 @@ probe.py: what does sleep write into the fast weights S? Linear read-outs of S, 
     python probe.py --out_dir=out/rule110-cpu/sweep/N4_seed0
     python probe.py --out_dir=out/rule110-cpu/sweep/N1_seed0 --compare=out/rule110-cpu/sweep/N4_seed0 \
         --png=probe_rule110.png --md=probe_rule110.md
+
+The tables and heatmaps go beside the probed run's checkpoint, probe.md and probe.png (with --compare:
+probe_vs_<the other run>.md and .png), unless --md / --png name files; a file that is already there is
+never replaced silently: the probe stops before any work, naming --md / --png and --overwrite=1.
     python probe.py --help
 
 The claim under test: extra passes over a window write deeper computation into S. On Rule 110 that
@@ -92,8 +96,9 @@ class ProbeConfig:
     batch_size: int = 256        # examples per forward pass
     device: str = "auto"         # auto (cuda, then mps, then cpu), cpu, cuda or mps
     threads: int = 1             # CPU threads (torch's default of one per core stalls when other work holds a core)
-    md: str = "out/probe/probe.md"    # where the tables are written (also printed)
-    png: str = "out/probe/probe.png"  # where the heatmaps are drawn (needs matplotlib); "" = none
+    md: str = "auto"             # where the tables go (also printed); auto: beside the run's ckpt.pt; "" = none
+    png: str = "auto"            # where the heatmaps are drawn (needs matplotlib); auto: beside the tables; "" = none
+    overwrite: int = 0           # 1: replace --md and --png files that are already there (0: stop, naming them)
 
 
 # -----------------------------------------------------------------------------
@@ -118,12 +123,36 @@ def parse_args(argv):
             raise ValueError(f"--{key} expects {what}, got {text!r}") from None
     cfg = dataclasses.replace(cfg, **values)
     check_config(cfg)
-    return cfg
+    return dataclasses.replace(cfg, md=output_path(cfg, cfg.md, "md"), png=output_path(cfg, cfg.png, "png"))
+
+
+def output_path(cfg, given, ext):
+    """--md / --png as given, or for auto a name of the runs probed, in the probed run's folder:
+    probe.EXT, or probe_vs_<the other run>.EXT with --compare (its folder name, or its whole path
+    when it is not a sibling), so that probing a run and comparing it with another never share a file."""
+    if given != "auto":
+        return given
+    stem = "probe"
+    if cfg.compare:
+        other = os.path.normpath(cfg.compare)
+        sibling = os.path.dirname(os.path.abspath(other)) == os.path.dirname(os.path.abspath(cfg.out_dir))
+        stem += "_vs_" + (os.path.basename(other) if sibling else other.strip(os.sep).replace(os.sep, "_"))
+    return os.path.join(cfg.out_dir, f"{stem}.{ext}")
+
+
+def check_outputs(cfg):
+    """Stop before any work if --md or --png would replace a file, unless --overwrite=1."""
+    for name in ("md", "png"):
+        path = getattr(cfg, name)
+        if path and os.path.exists(path) and not cfg.overwrite:
+            raise ValueError(f"{path} is already there: --{name}=PATH writes elsewhere, --overwrite=1 replaces it")
 
 
 def check_config(cfg):
     if not cfg.out_dir:
         raise ValueError("--out_dir is required: a run folder holding ckpt.pt (written by train.py)")
+    if cfg.overwrite not in (0, 1):
+        raise ValueError(f"--overwrite must be 0 or 1, got {cfg.overwrite}")
     if cfg.examples < 16:
         raise ValueError(f"--examples must be >= 16 (fit, validation and test need a few each), got {cfg.examples}")
     for name in ("test_frac", "val_frac"):
@@ -670,6 +699,7 @@ def main(argv, log=print):
         print(help_text())
         return None
     cfg = parse_args(argv)
+    check_outputs(cfg)
     if cfg.compare:
         check_same_task(cfg)
     device = runs.setup_device(cfg.device, cfg.threads)   # as train.py: the device, and on the CPU its threads

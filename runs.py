@@ -606,6 +606,7 @@ def sweep(cfg, task_overrides, train, log=print):
                                                 out_dir=os.path.join(cfg.out_dir, f"N{n}_seed{seed}")))
     labels = {c.out_dir: f"[run {i + 1}/{len(run_cfgs)} N={c.sleep_passes} seed={c.seed}]"
               for i, c in enumerate(run_cfgs)}
+    results_stem(cfg, task, run_cfgs)   # before any work: another sweep's results are never replaced
     parallel = sweep_parallel(cfg, len(run_cfgs))
     windows = window_counts(task)
     if parallel > 1:
@@ -628,22 +629,44 @@ def sweep(cfg, task_overrides, train, log=print):
                          final=result["final"][run_cfg.sleep_passes],
                          history=result["history"], elapsed=result["elapsed"], steps=len(result["losses"])))
     if int(os.environ.get("RANK", 0)) == 0:
-        write_results(cfg, task, runs, [c.out_dir for c in run_cfgs], log)
+        write_results(cfg, task, runs, [c.out_dir for c in run_cfgs], log, results_stem(cfg, task, run_cfgs))
     return runs
 
 
-def write_results(cfg, task, runs, run_dirs, log):
+def results_stem(cfg, task, run_cfgs):
+    """The name of this sweep's results files in out_dir: results (.json, .md, .png) unless a results.json
+    there holds a run this sweep does not (a part of a sweep spread over processes by hand): then
+    results_N<sweep>_seeds<seeds>. ValueError if that results.json is of other settings or another task."""
+    path = os.path.join(cfg.out_dir, "results.json")
+    if not os.path.exists(path):
+        return "results"
+    with open(path) as f:
+        saved = json.load(f)
+    mine = dataclasses.asdict(cfg)
+    differ = [f"--{k}={flag_text(v)}" for k, v in saved["config"].items()
+              if k in mine and mine[k] != v and k not in MAY_CHANGE]
+    params = json.loads(json.dumps(task.params))   # as results.json holds them (tuples as lists)
+    differ += [f"--{k}={flag_text(v)}" for k, v in saved["task"].items() if params.get(k) != v]
+    if differ:
+        raise ValueError(f"{path} holds the results of another sweep ({' '.join(differ)}): --out_dir=DIR "
+                         f"writes this one elsewhere")
+    if {(r["sleep_passes"], r["seed"]) for r in saved["runs"]} <= {(c.sleep_passes, c.seed) for c in run_cfgs}:
+        return "results"                      # this sweep's table holds every run of that one
+    return f"results_N{cfg.sweep.replace(',', '-')}_seeds{(cfg.seeds or str(cfg.seed)).replace(',', '-')}"
+
+
+def write_results(cfg, task, runs, run_dirs, log, stem="results"):
     """results.json (settings and every run), results.md (the table, also logged) and results.png."""
     table = results_table(task, runs)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+    with open(os.path.join(cfg.out_dir, f"{stem}.json"), "w") as f:
         json.dump(dict(config=dataclasses.asdict(cfg), task=task.params, metric=task.metric, runs=runs), f, indent=1)
-    with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
+    with open(os.path.join(cfg.out_dir, f"{stem}.md"), "w") as f:
         f.write(table + "\n")
     log(table)
-    plotted = plot(task, runs, os.path.join(cfg.out_dir, "results.png"), log)
-    log(f"results: {os.path.join(cfg.out_dir, 'results.md')} (the table above), results.json"
-        + (", results.png" if plotted else ""))
+    plotted = plot(task, runs, os.path.join(cfg.out_dir, f"{stem}.png"), log)
+    log(f"results: {os.path.join(cfg.out_dir, stem + '.md')} (the table above), {stem}.json"
+        + (f", {stem}.png" if plotted else ""))
     log(f"checkpoints: {', '.join(os.path.join(d, 'ckpt.pt') for d in run_dirs)}")
 
 

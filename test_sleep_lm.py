@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -2563,6 +2564,7 @@ def test_sweep_tables_every_run_and_collects_finished_runs_without_retraining(tm
 def test_a_sweep_refuses_a_checkpoint_of_another_task(tmp_path):
     cfg, overrides = smoke_config(tmp_path, "--sweep=2")
     runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
+    (tmp_path / "results.json").unlink()         # its results alone are refused first (a test of its own)
     cfg, overrides = smoke_config(tmp_path, "--sweep=2", "--task=depo")
     with pytest.raises(ValueError, match="holds another run.*task"):
         runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
@@ -3350,6 +3352,61 @@ def test_probe_compare_draws_n1_beside_n2_in_one_figure(probe_runs, tmp_path):
     assert [s["N"] for s in summaries] == [1, 2]
     assert md.read_text().count("### rule110") == 2 and png.stat().st_size > 10_000
     assert "pass 2" not in probe_table_rows(md.read_text().split("### ")[1])
+
+
+def test_probe_outputs_never_replace_one_another_silently(probe_runs, tmp_path):
+    """A run's probe and its comparison with another write different files, beside the probed run; a probe
+    that would replace a file stops before any work, naming --md / --png and --overwrite=1."""
+    a, b = tmp_path / "sweep" / "N1_seed0", tmp_path / "sweep" / "N2_seed0"
+    shutil.copytree(probe_runs["rule110_N1"], a)
+    shutil.copytree(probe_runs["rule110"], b)
+    quiet = {"log": lambda *x: None}
+    probe.main([f"--out_dir={a}", "--examples=32", "--png="], **quiet)
+    alone = (a / "probe.md").read_text()
+    probe.main([f"--out_dir={a}", f"--compare={b}", "--examples=32", "--png="], **quiet)
+    assert (a / "probe.md").read_text() == alone and (a / "probe_vs_N2_seed0.md").read_text().count("### ") == 2
+    with pytest.raises(ValueError, match=r"probe\.md is already there: --md=PATH writes elsewhere, --overwrite=1 "):
+        probe.main([f"--out_dir={a}", "--examples=16", "--png="], **quiet)
+    assert (a / "probe.md").read_text() == alone
+    (a / "probe.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"probe\.png is already there: --png=PATH writes elsewhere"):
+        probe.main([f"--out_dir={a}", "--examples=16", "--md="], **quiet)
+    probe.main([f"--out_dir={a}", "--examples=16", "--png=", "--overwrite=1"], **quiet)
+    assert (a / "probe.md").read_text() != alone                    # 16 examples, not 32: replaced as asked
+    # the automatic names of every probe of two runs, siblings or not, are all different
+    names = [probe.parse_args([f"--out_dir={x}"] + ([f"--compare={y}"] if y else []))
+             for x, y in [(a, None), (b, None), (a, b), (b, a), (a, tmp_path / "elsewhere" / "N2_seed0")]]
+    assert len({(n.md, n.png) for n in names} | {(n.png, n.md) for n in names}) == 2 * len(names)
+
+
+def test_a_sweep_never_replaces_another_sweeps_results_and_the_scripts_never_their_tables(tmp_path, capsys):
+    cfg, overrides = smoke_config(tmp_path, "--sweep=2")
+    runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
+    written = (tmp_path / "results.md").read_text()
+    for extra in (["--n_embd=8"], ["--task=depo"], ["--max_nodes=4", "--task=depo"]):   # other settings: refused
+        cfg, overrides = smoke_config(tmp_path, "--sweep=1", *extra)
+        with pytest.raises(ValueError, match=r"results\.json holds the results of another sweep \(--.*--out_dir=DIR"):
+            runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
+    assert (tmp_path / "results.md").read_text() == written and not (tmp_path / "N1_seed0").exists()
+    cfg, overrides = smoke_config(tmp_path, "--sweep=1")      # a part of the same sweep: its own name
+    runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
+    assert (tmp_path / "results.md").read_text() == written
+    assert "| 1 |" in (tmp_path / "results_N1_seeds0.md").read_text()
+    cfg, overrides = smoke_config(tmp_path, "--sweep=1,2")    # holds every run of it: replaces it
+    runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
+    assert "| 1 |" in (tmp_path / "results.md").read_text() and "| 2 |" in (tmp_path / "results.md").read_text()
+    sys.path.insert(0, str(HERE / "scripts"))
+    import fig2
+    import fig2b
+    for script in (fig2, fig2b):                   # refused before any work: before reading the record
+        out = tmp_path / script.__name__
+        out.with_suffix(".md").write_text("mine\n")
+        with pytest.raises(SystemExit, match=r"fig2b?\.md is already there: --out=NAME writes elsewhere, "
+                                             r"--overwrite replaces it"):
+            script.main([f"--record={tmp_path / 'no.csv'}", f"--out={out}"])
+        assert out.with_suffix(".md").read_text() == "mine\n"
+    fig2.main([f"--record={HERE / 'docs' / 'fig2_runs.csv'}", f"--out={tmp_path / 'fig2'}", "--overwrite"])
+    assert (tmp_path / "fig2.md").read_text() != "mine\n"
 
 
 @pytest.mark.parametrize("argv, message", [

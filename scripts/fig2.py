@@ -183,11 +183,15 @@ def main(argv=None):
     parser.add_argument("--code", default="", help="the commit the runs under --root trained at, for the record")
     parser.add_argument("--steps", type=int, default=3000, help="the grid's steps per run; other runs are controls")
     parser.add_argument("--out", default="fig2", help="writes OUT.md (the table) and OUT.png (the figure)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT.md and OUT.png if already there")
     parser.add_argument("--panel_b", default="", help="comma list of t for panel (b); default: the two deepest t "
                                                       "that every N has run")
     args = parser.parse_args(argv)
     if not args.root and not args.record:
         parser.error("give --root (finished runs), --record (a CSV of runs) or both")
+    taken = [path for path in (args.out + ".md", args.out + ".png") if os.path.exists(path)]
+    if taken and not args.overwrite:   # before any work: a table or figure is never replaced silently
+        sys.exit(f"error: {taken[0]} is already there: --out=NAME writes elsewhere, --overwrite replaces it")
     rows = collect(args.root, args.code) if args.root else []
     if args.record:
         rows = merge(read_record(args.record) if os.path.exists(args.record) else [], rows)

@@ -132,9 +132,13 @@ def main(argv=None):
                                                      "it, and the table and figure drawn from all of it")
     parser.add_argument("--code", default="", help="the commit the runs under --root trained at, for the record")
     parser.add_argument("--out", default="fig2b", help="writes OUT.md (the table) and OUT.png (the figure)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT.md and OUT.png if already there")
     args = parser.parse_args(argv)
     if not args.root and not args.record:
         parser.error("give --root (runs), --record (a CSV of evaluations) or both")
+    taken = [path for path in (args.out + ".md", args.out + ".png") if os.path.exists(path)]
+    if taken and not args.overwrite:   # before any work: a table or figure is never replaced silently
+        sys.exit(f"error: {taken[0]} is already there: --out=NAME writes elsewhere, --overwrite replaces it")
     rows = collect(args.root, args.code) if args.root else []
     if args.record:
         rows = merge(read_record(args.record) if os.path.exists(args.record) else [], rows)
