@@ -3730,6 +3730,30 @@ def test_every_command_and_code_block_in_the_docs_runs_as_written_after_the_quic
     assert all(NOT_RUN_HERE.search(c) for c in skipped)
 
 
+def test_numbers_the_docs_repeat_are_kept_in_one_place_and_match_their_source():
+    docs = {f: (HERE / f).read_text() for f in ["README.md"] + [f"docs/{p.name}" for p in (HERE / "docs").glob("*.md")]}
+    readme, perf, results = docs["README.md"], docs["docs/performance.md"], docs["docs/results.md"]
+    section = lambda text, title: text.split(f"\n## {title}\n")[1].split("\n## ")[0]   # noqa: E731
+    # the test suite's size and time: only under performance.md's "The test suite", which the README links to
+    counts = re.compile(r"\b\d+ (tests|passed|skipped)\b(?! \d)")
+    suite = section(perf, "The test suite")
+    assert counts.search(suite) and "(docs/performance.md#the-test-suite)" in readme
+    for f, text in docs.items():
+        assert not counts.search(text.replace(suite, "")), f"{f} gives a test count: link to the test suite's"
+    # the quick start's minutes per run are the ones its measurement gives
+    quick = " ".join(section(perf, "The quick start").split())
+    table = readme.split("python train.py --task=rule110 --sweep=1,4\n```")[1].split("```text\n")[1].split("```")[0]
+    minutes = re.findall(r"^\| \d \| .* \| (\d+\.\d) \|$", table, re.M)
+    assert len(minutes) == 2 and all(f"({m} minutes" in quick for m in minutes), (minutes, quick)
+    # the README's results tables (mean ± std over seeds) are docs/results.md's
+    rows = re.findall(r"^\| \d \| .*±.*\|$", readme, re.M)
+    assert len(rows) == 7 and all(row in results for row in rows), [r for r in rows if r not in results]
+    # gpu_check.sh's dry run is given once, in the script's header
+    script = (HERE / "scripts" / "gpu_check.sh").read_text()
+    assert re.search(r'^# EXTRA="[^"]+" bash scripts/gpu_check\.sh', script, re.M)
+    assert not any(re.search(r'EXTRA="[^"]*"\s+bash\s+scripts/gpu_check', text) for text in docs.values())
+
+
 def test_the_readme_task_examples_are_what_data_py_prints(capsys):
     """The example blocks under the README's "The tasks" are `python data.py TASK`'s own output, verbatim."""
     section = (HERE / "README.md").read_text().split("\n## The tasks\n")[1].split("\n## ")[0]
