@@ -46,23 +46,23 @@ def collect(root, code=""):
     return rows
 
 
-def read_record(path):
+def read_record(path, fields=FIELDS):
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    if rows and set(rows[0]) != set(FIELDS):
-        raise ValueError(f"--record={path}: expected the columns {','.join(FIELDS)}, got {','.join(rows[0])}")
+    if rows and set(rows[0]) != set(fields):
+        raise ValueError(f"--record={path}: expected the columns {','.join(fields)}, got {','.join(rows[0])}")
     return [{k: (v if k == "code" else float(v) if k in ("exact", "minutes") else int(v)) if v != "" else None
              for k, v in row.items()} for row in rows]
 
 
-def merge(old, new):
-    """The record's rows with the new ones added; a run already there (same t, N, seed, steps, layer_repeat) is
-    replaced by its checkpoint's numbers, keeping the record's code if no --code was given."""
-    rows = {tuple(r[k] for k in KEY): r for r in old}
+def merge(old, new, key=KEY):
+    """The record's rows with the new ones added; a row already there (the same values of `key`) is replaced by
+    its checkpoint's numbers, keeping the record's code if no --code was given."""
+    rows = {tuple(r[k] for k in key): r for r in old}
     for r in new:
-        key = tuple(r[k] for k in KEY)
-        rows[key] = {**r, "code": r["code"] or (rows[key]["code"] if key in rows else "")}
-    return sorted(rows.values(), key=lambda r: [r[k] for k in KEY])
+        at = tuple(r[k] for k in key)
+        rows[at] = {**r, "code": r["code"] or (rows[at]["code"] if at in rows else "")}
+    return sorted(rows.values(), key=lambda r: [r[k] for k in key])
 
 
 def write_record(path, rows, fields=FIELDS):
@@ -175,34 +175,49 @@ def plot(rows, steps, path, chosen=()):
     print(f"wrote {path}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--root", default="", help="a folder with finished runs below it (any */ckpt.pt)")
-    parser.add_argument("--record", default="", help="a CSV of runs: finished runs under --root are merged into "
-                                                     "it, and the table and figure drawn from all of it")
+def record_arguments(doc, out, runs):
+    """The command line that fig2.py and fig2b.py share: --root, --record, --code, --out, --overwrite."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--root", default="", help=f"a folder with {runs} below it (any */ckpt.pt)")
+    parser.add_argument("--record", default="", help=f"a CSV: the {runs} under --root are merged into it, and the "
+                                                     "table and figure drawn from all of it")
     parser.add_argument("--code", default="", help="the commit the runs under --root trained at, for the record")
-    parser.add_argument("--steps", type=int, default=3000, help="the grid's steps per run; other runs are controls")
-    parser.add_argument("--out", default="fig2", help="writes OUT.md (the table) and OUT.png (the figure)")
+    parser.add_argument("--out", default=out, help="writes OUT.md (the table) and OUT.png (the figure)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT.md and OUT.png if already there")
-    parser.add_argument("--panel_b", default="", help="comma list of t for panel (b); default: the two deepest t "
-                                                      "that every N has run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def updated_record(parser, args, collect, fields=FIELDS, key=KEY):
+    """The rows of the runs under --root merged into --record (written back): what the table and figure show."""
     if not args.root and not args.record:
-        parser.error("give --root (finished runs), --record (a CSV of runs) or both")
+        parser.error("give --root (runs), --record (a CSV) or both")
     taken = [path for path in (args.out + ".md", args.out + ".png") if os.path.exists(path)]
     if taken and not args.overwrite:   # before any work: a table or figure is never replaced silently
         sys.exit(f"error: {taken[0]} is already there: --out=NAME writes elsewhere, --overwrite replaces it")
     rows = collect(args.root, args.code) if args.root else []
     if args.record:
-        rows = merge(read_record(args.record) if os.path.exists(args.record) else [], rows)
+        rows = merge(read_record(args.record, fields) if os.path.exists(args.record) else [], rows, key)
     if not rows:
-        sys.exit(f"error: no finished run under --root={args.root} and none in --record={args.record}")
+        sys.exit(f"error: no run under --root={args.root} and none in --record={args.record}")
     if args.record:
-        write_record(args.record, rows)
-    text = table(rows, args.steps)
+        write_record(args.record, rows, fields)
+    return rows
+
+
+def write_table(text, out):
     print(text)
-    with open(args.out + ".md", "w") as f:
+    with open(out + ".md", "w") as f:
         f.write(text + "\n")
+
+
+def main(argv=None):
+    parser = record_arguments(__doc__, "fig2", "finished runs")
+    parser.add_argument("--steps", type=int, default=3000, help="the grid's steps per run; other runs are controls")
+    parser.add_argument("--panel_b", default="", help="comma list of t for panel (b); default: the two deepest t "
+                                                      "that every N has run")
+    args = parser.parse_args(argv)
+    rows = updated_record(parser, args, collect)
+    write_table(table(rows, args.steps), args.out)
     plot(rows, args.steps, args.out + ".png", [int(t) for t in args.panel_b.split(",") if t])
 
 

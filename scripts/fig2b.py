@@ -12,14 +12,12 @@ under it (finished or still training) into --record, and the table and figure ar
     python scripts/fig2b.py --root=out/fig2b --record=my_curves.csv --code=abc1234 --out=fig2b
 """
 
-import argparse
-import csv
 import glob
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fig2 import load_checkpoint, stats, write_record  # noqa: E402
+from fig2 import load_checkpoint, record_arguments, stats, updated_record, write_table  # noqa: E402
 
 FIELDS = ["t", "N", "seed", "max_iters", "step", "exact", "minutes", "code"]
 KEY = ["t", "N", "seed", "max_iters", "step"]
@@ -40,24 +38,6 @@ def collect(root, code=""):
                              exact=round(h["eval"][str(n)][t]["exact"], 4), minutes=round(h["elapsed"] / 60, 1),
                              code=code))
     return rows
-
-
-def read_record(path):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and set(rows[0]) != set(FIELDS):
-        raise ValueError(f"--record={path}: expected the columns {','.join(FIELDS)}, got {','.join(rows[0])}")
-    return [{k: v if k == "code" else float(v) if k in ("exact", "minutes") else int(v) for k, v in row.items()}
-            for row in rows]
-
-
-def merge(old, new):
-    """The record's rows with the new ones added; an evaluation already there is replaced by the checkpoint's."""
-    rows = {tuple(r[k] for k in KEY): r for r in old}
-    for r in new:
-        key = tuple(r[k] for k in KEY)
-        rows[key] = {**r, "code": r["code"] or (rows[key]["code"] if key in rows else "")}
-    return sorted(rows.values(), key=lambda r: [r[k] for k in KEY])
 
 
 def runs_of(rows):
@@ -126,30 +106,10 @@ def plot(rows, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--root", default="", help="a folder with runs below it (any */ckpt.pt)")
-    parser.add_argument("--record", default="", help="a CSV of evaluations: the runs under --root are merged into "
-                                                     "it, and the table and figure drawn from all of it")
-    parser.add_argument("--code", default="", help="the commit the runs under --root trained at, for the record")
-    parser.add_argument("--out", default="fig2b", help="writes OUT.md (the table) and OUT.png (the figure)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT.md and OUT.png if already there")
+    parser = record_arguments(__doc__, "fig2b", "runs (finished or still training)")
     args = parser.parse_args(argv)
-    if not args.root and not args.record:
-        parser.error("give --root (runs), --record (a CSV of evaluations) or both")
-    taken = [path for path in (args.out + ".md", args.out + ".png") if os.path.exists(path)]
-    if taken and not args.overwrite:   # before any work: a table or figure is never replaced silently
-        sys.exit(f"error: {taken[0]} is already there: --out=NAME writes elsewhere, --overwrite replaces it")
-    rows = collect(args.root, args.code) if args.root else []
-    if args.record:
-        rows = merge(read_record(args.record) if os.path.exists(args.record) else [], rows)
-    if not rows:
-        sys.exit(f"error: no evaluated run under --root={args.root} and none in --record={args.record}")
-    if args.record:
-        write_record(args.record, rows, FIELDS)
-    text = table(rows)
-    print(text)
-    with open(args.out + ".md", "w") as f:
-        f.write(text + "\n")
+    rows = updated_record(parser, args, collect, FIELDS, KEY)
+    write_table(table(rows), args.out)
     plot(rows, args.out + ".png")
 
 
