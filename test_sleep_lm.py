@@ -1,8 +1,10 @@
 """Tests for sleep-lm, in the order of the files they check: sleep_lm.py, data.py, train.py (with runs.py), bench.py,
 probe.py, scripts/, then the commands of README.md and docs/.
 
-    python -m pytest -q test_sleep_lm.py            everything (what CI runs): about 77 s on 2 idle CPU cores
+    python -m pytest -q test_sleep_lm.py                  everything (what CI runs)
     python -m pytest -q -m "not slow" test_sleep_lm.py    without the tests marked slow, for an edit loop (or QUICK=1)
+
+Their times: docs/performance.md, "The test suite".
 
 On a machine with CUDA the parity and training tests also run on the GPU.
 """
@@ -1617,6 +1619,7 @@ def test_each_evaluation_level_draws_its_own_inputs():
     assert len(states[0]) == len(states[1]) == 128 and states[0].isdisjoint(states[1])
 
 
+@slow
 @pytest.mark.parametrize("name,overrides", [
     ("rule110", dict(width=8, t_min=1, t_max=1, levels=(1,))),  # 256 possible inputs
     ("depo", dict(max_nodes=3, name_tokens=4, max_hops=1, levels=(1,), queries=1, graph_len=24, query_len=4)),
@@ -1631,6 +1634,7 @@ def test_eval_and_train_streams_never_share_an_input(name, overrides):
         assert len(train) < 2000 and len(evaluation) < 50 * len(task.levels)
 
 
+@slow
 @pytest.mark.parametrize("name", ["rule110", "depo", "math"])
 def test_the_evaluation_split_holds_one_input_in_sixteen(name):
     task = data.make_task(name)
@@ -2002,19 +2006,6 @@ def quiet_train(argv):
     return cfg, train.train(cfg, overrides, log=lambda *a: None)
 
 
-def test_the_seed_decides_the_initial_weights(tmp_path):
-    def initial_weights(folder, seed):                   # learning rates 0: the checkpoint holds the initial weights
-        quiet_train(SMOKE + [f"--out_dir={tmp_path / folder}", f"--seed={seed}", "--learning_rate=0", "--adamw_lr=0",
-                             "--max_iters=1", "--eval_interval=1"])
-        return torch.load(tmp_path / folder / "ckpt.pt", weights_only=False)["model"]
-    first, again, other = initial_weights("a", 0), initial_weights("b", 0), initial_weights("c", 1)
-    for name, w in first.items():
-        assert torch.equal(again[name], w), f"{name}: the same seed should give the same initial weights"
-        if len(w.unique()) > 1:                          # every randomly initialised tensor
-            assert not torch.equal(other[name], w), f"{name}: another seed should give other initial weights"
-    assert sum(len(w.unique()) > 1 for w in first.values()) >= 10
-
-
 def test_optimizers_put_the_hidden_matrices_on_muon_and_the_rest_on_adamw():
     model = tiny_model(dtype=torch.float32)
     muon, adamw = train.configure_optimizers(model, 2e-3, 5e-4)
@@ -2166,6 +2157,7 @@ def test_evaluate_counts_an_example_exactly_right_only_when_all_its_answers_and_
 # train.py: the training step and the loop
 
 
+@slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("task", ["rule110", "depo", "math"])
 def test_training_runs_end_to_end_with_finite_loss_and_accuracy_per_level(task, device, tmp_path):
@@ -2280,6 +2272,7 @@ def test_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(tm
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
 
 
+@slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_resume_gives_bitwise_the_same_next_losses(tmp_path, monkeypatch, device):
     cfg, overrides = smoke_config(tmp_path / "a", "--max_iters=6", "--eval_interval=3", f"--device={device}")
@@ -2493,6 +2486,7 @@ def test_resume_refuses_different_model_settings(tmp_path):
         train.train(dataclasses.replace(cfg, resume=True, layers="GA"), overrides, log=lambda *a: None)
 
 
+@slow
 def test_resume_and_eval_only_take_the_runs_settings_from_the_checkpoint(tmp_path):
     first, done = quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--task=depo", "--seed=3", "--batch_size=6",
                                        "--device=cpu",
@@ -2543,6 +2537,7 @@ def test_init_from_loads_the_weights_only_and_refuses_another_model(tmp_path):
 # train.py and runs.py: sweeps, side-by-side runs and several processes
 
 
+@slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_sweep_tables_every_run_and_collects_finished_runs_without_retraining(tmp_path, monkeypatch, device):
     cfg, overrides = smoke_config(tmp_path, "--sweep=1,2", "--seeds=0", f"--device={device}")
@@ -2561,6 +2556,7 @@ def test_sweep_tables_every_run_and_collects_finished_runs_without_retraining(tm
     assert re.search(r"^\| 1 \| .* \| 2 \| ", table, re.M) and re.search(r"^\| 2 \| ", table, re.M)
 
 
+@slow
 def test_a_sweep_refuses_a_checkpoint_of_another_task(tmp_path):
     cfg, overrides = smoke_config(tmp_path, "--sweep=2")
     runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
@@ -3048,6 +3044,7 @@ def test_the_last_step_is_logged_evaluated_and_saved_whatever_the_intervals(max_
     assert ckpt["losses"] == result["losses"] and ckpt["history"] == result["history"]
 
 
+@slow
 @pytest.mark.parametrize("first, total, log_interval", [(3, 9, 4), (4, 6, 4), (2, 3, 5)])
 def test_a_run_logs_its_first_step_at_once_then_every_interval_and_its_last(first, total, log_interval, tmp_path):
     run_for(tmp_path, f"--max_iters={first}", f"--eval_interval={first}")
@@ -3088,6 +3085,7 @@ def check_resume_extends_as_one_run(first, eval_interval, tmp_path, total=8):
     assert without_elapsed(resumed["history"]) == expected
 
 
+@slow
 def test_resume_with_a_larger_max_iters_continues_as_one_run_of_that_length(tmp_path):
     check_resume_extends_as_one_run(5, 3, tmp_path)       # 5 is no multiple of the evaluation interval
 
@@ -3200,6 +3198,7 @@ def test_quick_bench_produces_every_row_with_finite_numbers(tmp_path):
     assert max(r["value"] for r in rows if r["section"] == "rule" and r["unit"] == "abs diff") < 1e-4
 
 
+@slow
 def test_bench_counts_the_flops_of_every_pass_and_of_backward():
     """bench.py's MFU numerator: matmul FLOPs of forward + backward, linear in N (each pass re-runs the
     blocks over the consolidated window), about 3x those of forward alone, and no optimizer FLOPs."""
@@ -3324,6 +3323,7 @@ def probe_table_rows(text):
     return rows
 
 
+@slow
 @pytest.mark.parametrize("run, columns", [("rule110", 9), ("rule110_K2", 9), ("depo", 2)])
 def test_probe_end_to_end_on_a_trained_checkpoint_writes_a_table(probe_runs, tmp_path, run, columns):
     md = tmp_path / "probe.md"
@@ -3344,6 +3344,7 @@ def test_probe_end_to_end_on_a_trained_checkpoint_writes_a_table(probe_runs, tmp
         assert rows["pass 2"] == rows["carried to query"]
 
 
+@slow
 def test_probe_compare_draws_n1_beside_n2_in_one_figure(probe_runs, tmp_path):
     pytest.importorskip("matplotlib")
     png, md = tmp_path / "probe.png", tmp_path / "probe.md"
@@ -3354,6 +3355,7 @@ def test_probe_compare_draws_n1_beside_n2_in_one_figure(probe_runs, tmp_path):
     assert "pass 2" not in probe_table_rows(md.read_text().split("### ")[1])
 
 
+@slow
 def test_probe_outputs_never_replace_one_another_silently(probe_runs, tmp_path):
     """A run's probe and its comparison with another write different files, beside the probed run; a probe
     that would replace a file stops before any work, naming --md / --png and --overwrite=1."""
@@ -3379,6 +3381,7 @@ def test_probe_outputs_never_replace_one_another_silently(probe_runs, tmp_path):
     assert len({(n.md, n.png) for n in names} | {(n.png, n.md) for n in names}) == 2 * len(names)
 
 
+@slow
 def test_a_sweep_never_replaces_another_sweeps_results_and_the_scripts_never_their_tables(tmp_path, capsys):
     cfg, overrides = smoke_config(tmp_path, "--sweep=2")
     runs.sweep(cfg, overrides, train.train, log=lambda *a: None)
@@ -3615,6 +3618,7 @@ def test_probe_readout_predicts_each_test_row_from_the_fit_rows_alone():
 # scripts/fig2.py: the grid of one model per t and N, as a table and a figure
 
 
+@slow
 def test_fig2_tables_every_finished_run_by_t_and_n_and_keeps_a_record_across_sittings(tmp_path, capsys):
     sys.path.insert(0, str(HERE / "scripts"))
     import fig2
@@ -3660,6 +3664,49 @@ def test_the_fig2_tables_in_the_docs_are_the_record_as_scripts_fig2_draws_it():
     docs = (HERE / "docs" / "results.md").read_text()
     rows = [line for line in drawn.splitlines() if line.startswith("| ")]
     assert len(rows) >= 6 and [line for line in rows if line not in docs] == [], drawn
+
+
+@slow
+def test_fig2b_keeps_every_evaluation_of_every_run_and_redraws_the_curves_from_the_record_alone(tmp_path):
+    sys.path.insert(0, str(HERE / "scripts"))
+    import fig2
+    import fig2b
+    cell = SMOKE + ["--states=2", "--width=8", "--max_iters=4", "--eval_interval=2", "--t_min=2", "--t_max=2",
+                    "--levels=2"]
+    for n in (1, 2):
+        quiet_train(cell + [f"--out_dir={tmp_path / 'runs' / f'N{n}_seed0'}", f"--sleep_passes={n}"])
+    stopped = tmp_path / "runs" / "N2_seed1"            # a run stopped half way: its curve so far is kept
+    quiet_train(cell + [f"--out_dir={stopped}", "--sleep_passes=2", "--seed=1", "--max_iters=2"])
+    ckpt = torch.load(stopped / "ckpt.pt", weights_only=False)
+    ckpt["config"]["max_iters"] = 4
+    torch.save(ckpt, stopped / "ckpt.pt")
+    record = tmp_path / "curves.csv"
+    fig2b.main([f"--root={tmp_path / 'runs'}", f"--record={record}", "--code=abc1234", f"--out={tmp_path / 'b'}"])
+    rows = fig2.read_record(record, fig2b.FIELDS)
+    for n, seed, steps in ((1, 0, [2, 4]), (2, 0, [2, 4]), (2, 1, [2])):   # one row per evaluation, from the history
+        history = torch.load(tmp_path / "runs" / f"N{n}_seed{seed}" / "ckpt.pt", weights_only=False)["history"]
+        mine = [r for r in rows if (r["N"], r["seed"]) == (n, seed)]
+        assert [r["step"] for r in mine] == steps == [h["step"] for h in history], mine
+        assert [r["exact"] for r in mine] == [round(h["eval"][str(n)][2]["exact"], 4) for h in history]
+    table = (tmp_path / "b.md").read_text()
+    assert "(at step 2, still training)" in table and table.count("still training") == 1, table
+    fig2b.main([f"--record={record}", f"--out={tmp_path / 'again'}"])          # the record alone: the same table
+    assert (tmp_path / "again.md").read_text() == table
+    curve = [(250, 0.1, 1.0), (500, 0.6, 2.0), (750, 0.4, 3.0), (1000, 0.95, 4.0)]
+    assert (fig2b.first_step(curve, 0.5), fig2b.first_step(curve, 0.9), fig2b.first_step(curve, 0.99)) == \
+        (500, 1000, None)
+    steps, means = fig2b.mean_curve([curve, curve[:2]])                      # only the steps every seed reached
+    assert steps == [250, 500] and means == pytest.approx([0.1, 0.6])
+
+
+def test_the_fig2b_table_in_the_docs_is_the_record_as_scripts_fig2b_draws_it():
+    sys.path.insert(0, str(HERE / "scripts"))
+    import fig2
+    import fig2b
+    drawn = fig2b.table(fig2.read_record(HERE / "docs" / "fig2b_curves.csv", fig2b.FIELDS))
+    docs = (HERE / "docs" / "results.md").read_text()
+    rows = [line for line in drawn.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 3 and [line for line in rows if line not in docs] == [], drawn
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def plot(rows, path):
         return
     runs = runs_of(rows)
     ts = sorted({t for t, *_ in runs})
-    fig, axes = plt.subplots(1, len(ts), figsize=(5 * len(ts), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(ts), figsize=(max(6.5, 5 * len(ts)), 4.2), squeeze=False)
     for ax, t in zip(axes[0], ts):
         for n in sorted({n for tt, n, *_ in runs if tt == t}):
             curves = [c for (tt, nn, _, _), c in runs.items() if (tt, nn) == (t, n)]
@@ -97,8 +97,8 @@ def plot(rows, path):
         ax.axhline(1 / 16, color="gray", linestyle=":", linewidth=1, label="4 coin flips (1/16)")
         ax.set(xlabel="training step (batch 64)", ylabel="exact accuracy", ylim=(-0.02, 1.02), title=f"t = {t}")
         ax.legend(fontsize=8)
-    fig.suptitle("Rule 110, paper layout (4 x 24 cells, L = 24), AG d = 64; thin: each seed, thick: mean over seeds",
-                 fontsize=9)
+    fig.suptitle("Rule 110, paper layout (4 x 24 cells, L = 24), AG d = 64\nthin: each seed; thick: the mean over "
+                 "seeds, at the steps that all of them have reached", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
