@@ -57,8 +57,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import PAPER_BATCH_SIZE, make_task
-from sleep_lm import CUDA_GRAPH_MODES, CompiledSleepCache, SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
-from runs import autocast, compiled_for_training, line_buffered, setup_device
+from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
+from runs import CUDA_GRAPH_MODES, CompiledSleepCache, autocast, compiled_for_training, line_buffered, setup_device
 from train import PRESETS, configure_optimizers
 
 # Width, batch sizes and optimizer of train.py's PRESETS[(task, "cpu")], with the paper's 4-layer AGAG

@@ -31,13 +31,15 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._pytree import tree_map
 
 from data import make_task
-from sleep_lm import CUDA_GRAPH_MODES, SleepLM, SleepLMConfig
+from sleep_lm import SleepCache, SleepLM, SleepLMConfig
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")   # a sweep's side-by-side runs
 RUN_CONTROL = ("out_dir", "resume", "eval_only", "sweep", "seeds", "parallel", "device", "threads", "compile",
@@ -148,6 +150,55 @@ def compiled_for_training(model, mode="default", backend="inductor"):
     fast.process_window = torch.compile(model.process_window, mode=mode, backend=backend, fullgraph=True,
                                         dynamic=False)
     return fast
+
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the torch.compile modes that replay CUDA graphs
+
+
+class CompiledSleepCache(SleepCache):
+    """SleepCache with its one-token wake step under torch.compile ("reduce-overhead": a CUDA graph replay per
+    token). Every attention context is kept at exactly L - 1 entries, padded with entries no query can see, so
+    all one-token steps share one graph. Under eviction "none" (no window to fix shapes to) it is the eager cache."""
+
+    def __init__(self, model, batch_size, *, compile_mode="default", **kwargs):
+        self.compile_mode = None                     # the eager cache until the compiled step exists
+        super().__init__(model, batch_size, **kwargs)
+        if self.eviction != "none":                  # one graph per batch size and model: raise dynamo's limit
+            self.compile_mode = compile_mode
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.compiled_step = torch.compile(self.eager_step, mode=compile_mode, fullgraph=True, dynamic=False)
+            self.reset()
+
+    def start_window(self, state):
+        super().start_window(replace(state, context=self.fixed_context(state.context)))
+
+    def eager_step(self, idx, pos, state):
+        logits, loop_input, h, state = SleepCache.wake_step(self, idx, pos, state)
+        return logits, loop_input, h, replace(state, context=self.fixed_context(state.context))
+
+    def wake_step(self, idx, pos, state):
+        if not self.compile_mode or idx.shape[1] != 1:
+            return self.eager_step(idx, pos, state)
+        if self.compile_mode in CUDA_GRAPH_MODES:      # a new step: the replay overwrites its outputs,
+            torch.compiler.cudagraph_mark_step_begin()   # so they are cloned
+        logits, loop_input, h, state = self.compiled_step(idx, pos, state)
+        logits, loop_input, h, S, context = tree_map(lambda x: x.clone() if torch.is_tensor(x) else x,
+                                                     (logits, loop_input, h, state.S, state.context))
+        return logits, loop_input, h, replace(state, S=S, context=context)
+
+    def fixed_context(self, context):
+        """Each attention context as its newest L - 1 entries, padded in front with zeros at position 2^40 (unseen)."""
+        if not self.compile_mode:
+            return context
+        fixed, M = [], self.window - 1
+        for block, ctx in zip(self.model.blocks, context):
+            if block.kind == "A":   # torch.cat: a new contiguous tensor, so the strides never change either
+                k, v, pos = ctx
+                pad, keep = max(M - len(pos), 0), len(pos) - min(M, len(pos))
+                ctx = (*(torch.cat([x.new_zeros(*x.shape[:2], pad, x.shape[3]), x[:, :, keep:]], 2) for x in (k, v)),
+                       torch.cat([pos.new_full((pad,), 2**40), pos[keep:]]))
+            fixed.append(ctx if block.kind == "A" else ctx.contiguous())
+        return fixed
 
 
 # -----------------------------------------------------------------------------
@@ -493,6 +544,10 @@ def load_run(out_dir, device="cpu"):
 
         model, task = load_run("out/rule110-cpu/sweep/N4_seed0")
     """
+    if not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        raise FileNotFoundError(f"load_run: no trained run in {os.path.abspath(out_dir)} (no ckpt.pt); train one "
+                                f"first, or give the folder of its ckpt.pt (train.py prints it: 'checkpoint: ...'), "
+                                f"relative to the current directory {os.getcwd()}")
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     model = SleepLM(saved_model_config(ckpt))
     model.load_state_dict(ckpt["model"])
@@ -704,7 +759,7 @@ def train_side_by_side(run_cfgs, task_overrides, parallel, log, labels, windows)
     waiting, running, ms_per_step = list(run_cfgs), [], {}
     with stop_on_ctrl_c() as stop:
         try:
-            while waiting or running:
+            while running or (waiting and not stop.requested):   # after Ctrl-C the waiting runs never start
                 while waiting and len(running) < parallel and not stop.requested:
                     running.append(start_run(waiting.pop(0), task_overrides))
                     log(f"{labels[running[-1].cfg.out_dir]} started: {running[-1].cfg.out_dir}/train.log")

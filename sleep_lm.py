@@ -1,31 +1,21 @@
 """
-sleep-lm: a hybrid attention + Gated DeltaNet language model that sleeps.
+sleep-lm: a hybrid attention + Gated DeltaNet language model that sleeps. Reference implementation of
+"Do Language Models Need Sleep? Offline Recurrence for Improved Online Inference" (arXiv 2605.26099).
 
-Reference implementation of "Do Language Models Need Sleep? Offline Recurrence for Improved Online Inference"
-(Lee, McLeish, Goldstein, Fanti; arXiv 2605.26099). Not arXiv 2606.03979, not "sleep-time compute".
+A Gated DeltaNet (GDN) layer keeps a matrix state S per head, the "fast weights", and writes every token into it;
+attention keeps a KV cache. Once a window of L tokens is full, the model *sleeps*: it runs its blocks over that
+window again, N passes in all (pass 1 is the wake pass that read the tokens), each from the previous pass's
+features and the S it left. Then the KV cache and the features are dropped and only S is kept ("hard"
+eviction; "sliding" also keeps the newest L - 1 tokens, "none" is one pass of full attention, an upper bound).
+Prediction ("wake") stays one ordinary pass.
 
-Attention remembers by keeping a KV cache; a Gated DeltaNet (GDN) layer keeps a fixed-size matrix state S per
-head (the "fast weights") and writes every token into it. Once a window of L tokens is full, the model *sleeps*:
-with no new input it runs its blocks over that window again, N passes in all (pass 1 is the wake pass that read
-the tokens), each from the previous pass's features and the S it left, so the window is written into S deeper
-each time. Then the KV cache and the features are dropped and only S is kept. Prediction ("wake") is one
-ordinary pass, so wake-time cost does not change.
+Read in this order: gated_delta_rule (the local rule: per-token reference, exact chunkwise form); Attention,
+GatedDeltaNet, MLP, Block; SleepState (per block its context and S; evict); SleepLM.forward (Algorithm 1, the loop
+every caller runs) and its steps process_window, wake_pass, sleep_pass; SleepCache (streaming: the same steps as
+tokens arrive). The end of the file, marked, holds what a first reading can skip: input checks and fast paths.
 
-Read in this order:
-  1. gated_delta_rule   the local rule: per-token reference and the exact chunkwise-parallel form
-  2. Attention, GatedDeltaNet, MLP, Block
-  3. SleepState         what a sequence carries from window to window: per block its context and S; evict
-  4. SleepLM.forward    Algorithm 1 of the paper, the loop that every caller runs; then its steps
-                        process_window (one window), wake_pass, sleep_pass
-  5. SleepCache         streaming and generate: the same wake / sleep / evict steps, as tokens arrive
-The end of the file holds what a first reading can skip: input checks, and the fast paths, each marked.
-
-Shape letters: B batch, T time (tokens), C channels (n_embd), V vocabulary, H heads, Dk / Dv key / value head
-dims, L window, N passes per window (N = 1: no sleep), Lc chunk of the chunkwise rule (a speed device inside one
-call, not a window), K the GDN's short conv kernel (conv_size).
-
-Eviction (what crosses a window boundary): "hard" only S (Algorithm 1); "sliding" S and the newest L - 1 tokens
-of context; "none" no windows, no sleep: one pass of full attention (an upper bound).
+Shapes: B batch, T tokens, C n_embd, V vocabulary, H heads, Dk / Dv key / value head dims, L window, N passes per
+window (N = 1: no sleep), Lc chunk of the chunkwise rule (a speed device, not a window), K the GDN's conv kernel.
 """
 
 import contextlib
@@ -36,7 +26,6 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
 EVICTIONS = ("hard", "sliding", "none")
@@ -56,12 +45,10 @@ def gated_delta_rule(q, k, v, log_decay, beta, *, state=None, chunk_size=None):
         S <- S + k_t (beta_t (v_t - S^T k_t))^T      delta-rule write: move S^T k_t towards v_t
         o_t = S^T q_t                                read
     q, k: (B, T, H, Dk)   v: (B, T, H, Dv)   log_decay, beta: (B, T, H)   state: (B, H, Dk, Dv) or None (zeros)
-    Returns o (B, T, H, Dv) in q's dtype and the final state (B, H, Dk, Dv). No normalisation or scaling here:
-    the layer L2-normalises q, k and scales q. chunk_size=None runs the per-token loop (the reference), Lc the
-    exact chunkwise-parallel form over chunks of Lc tokens (any T); both compute in float32 (float64 for float64
-    inputs), whatever the inputs' dtype (bf16 under autocast). flash-linear-attention (bench.py's yardstick):
-        fla.ops.gated_delta_rule.chunk_gated_delta_rule(q, k, v, g=log_decay, beta=beta, scale=1.0,
-                                                        initial_state=state, output_final_state=True)
+    Returns o (B, T, H, Dv) in q's dtype and the final state. chunk_size None: the per-token loop (the reference);
+    Lc: the exact chunkwise-parallel form (any T). Both compute in float32 (float64 for float64 inputs), bf16
+    autocast or not. No normalisation or scaling here (the layer does it). As flash-linear-attention's
+    chunk_gated_delta_rule(q, k, v, g=log_decay, beta=beta, scale=1.0, initial_state=state, output_final_state=True).
     """
     check_rule_inputs(q, k, v, log_decay, beta, state, chunk_size)
     out_dtype, dtype = q.dtype, state_dtype(q)
@@ -473,16 +460,14 @@ class SleepLM(nn.Module):
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, sleep_passes=None, window=None,
-                 eviction=None, compile_mode=None):
+                 eviction=None):
         """Continue idx (B, T) by max_new_tokens tokens, sleeping whenever a window fills; each new token costs one
         wake pass over one token. temperature 0: greedy, > 0: sample softmax(logits / temperature); top_k: only
-        among the K most likely (None: all). compile_mode: decode through CompiledSleepCache (the same tokens)."""
+        among the K most likely (None: all)."""
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
         check_int("top_k", top_k, 1, allow_none=True)
-        options = dict(sleep_passes=sleep_passes, window=window, eviction=eviction)
-        cache = (CompiledSleepCache(self, idx.shape[0], compile_mode=compile_mode, **options) if compile_mode
-                 else SleepCache(self, idx.shape[0], **options))
+        cache = SleepCache(self, idx.shape[0], sleep_passes=sleep_passes, window=window, eviction=eviction)
         logits = cache.feed(idx)[:, -1]
         for _ in range(max_new_tokens):
             if temperature == 0:
@@ -513,13 +498,8 @@ class SleepCache:
         self.start_window(self.model.initial_state(self.batch_size, self.window, self.eviction))
 
     def start_window(self, state):
-        context = self.fixed_context(state.context)
-        self.state = replace(state, context=context, window_context=context)
+        self.state = replace(state, window_context=state.context)
         self.features, self.loop_inputs, self.window_start = [], [], self.pos
-
-    def fixed_context(self, context):
-        """The context as the cache keeps it: as it is (CompiledSleepCache pads it to a fixed shape)."""
-        return context
 
     def room(self):
         """How many more tokens the current window takes."""
@@ -539,7 +519,7 @@ class SleepCache:
 
     def wake_step(self, idx, pos, state):
         out, loop_input, h, state = self.model.wake_pass(self.model.wte(idx), pos, state)
-        return self.model.head(out), loop_input, h, replace(state, context=self.fixed_context(state.context))
+        return self.model.head(out), loop_input, h, state
 
     def sleep(self):
         """Passes 2..N over the full window, from its starting context and the current S."""
@@ -575,11 +555,8 @@ def check_choice(name, value, allowed):
 
 
 def check_int(name, value, minimum, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        none = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an int >= {minimum}{none}, got {value!r}")
+    if not (value is None and allow_none) and (type(value) is not int or value < minimum):
+        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
 
 
 def check_config(config):
@@ -640,10 +617,10 @@ def check_windows_line_up(no_answer, L, T):
 
 # -----------------------------------------------------------------------------
 # Fast paths: the plain forms above, faster (equal up to rounding; tested). Skip on first read. FAST_PATHS picks two
-# in the reading path (the GDN conv, the chunkwise solve); CompiledSleepCache compiles the one-token wake step.
+# in the reading path (the GDN conv, the chunkwise solve). The torch.compile paths (training's per-window graphs,
+# CompiledSleepCache for decoding) are in runs.py.
 
 FAST_PATHS = True   # False: the plain F.conv1d and solve_triangular (slower on CPU)
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the torch.compile modes that replay CUDA graphs
 
 
 def fast_causal_conv(padded, weight):
@@ -662,45 +639,3 @@ def fast_solve_unit_lower(A, rhs):
     """solve_triangular(A, rhs, upper=False, unitriangular=True) as X^T A^T = rhs^T: the same system, but LAPACK
     gets row-major operands without copies (the solve and its backward: much faster on CPU)."""
     return torch.linalg.solve_triangular(A.mT, rhs.mT, upper=True, left=False, unitriangular=True).mT
-
-
-class CompiledSleepCache(SleepCache):
-    """SleepCache with its one-token wake step under torch.compile ("reduce-overhead": a CUDA graph replay per
-    token). Every attention context is kept at exactly L - 1 entries, padded with entries no query can see, so
-    all one-token steps share one graph. Under eviction "none" (no window to fix shapes to) it is the eager cache."""
-
-    def __init__(self, model, batch_size, *, compile_mode="default", **kwargs):
-        self.compile_mode = None                     # the eager cache until the compiled step exists
-        super().__init__(model, batch_size, **kwargs)
-        if self.eviction != "none":                  # one graph per batch size and model: raise dynamo's limit
-            self.compile_mode = compile_mode
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled_step = torch.compile(self.eager_step, mode=compile_mode, fullgraph=True, dynamic=False)
-            self.reset()
-
-    def eager_step(self, idx, pos, state):
-        return SleepCache.wake_step(self, idx, pos, state)
-
-    def wake_step(self, idx, pos, state):
-        if not self.compile_mode or idx.shape[1] != 1:
-            return self.eager_step(idx, pos, state)
-        if self.compile_mode in CUDA_GRAPH_MODES:      # a new step: the replay overwrites its outputs,
-            torch.compiler.cudagraph_mark_step_begin()   # so they are cloned
-        logits, loop_input, h, state = self.compiled_step(idx, pos, state)
-        logits, loop_input, h, S, context = tree_map(lambda x: x.clone() if torch.is_tensor(x) else x,
-                                                     (logits, loop_input, h, state.S, state.context))
-        return logits, loop_input, h, replace(state, S=S, context=context)
-
-    def fixed_context(self, context):
-        """Each attention context as its newest L - 1 entries, padded in front with zeros at position 2^40 (unseen)."""
-        if not self.compile_mode:
-            return context
-        fixed, M = [], self.window - 1
-        for block, ctx in zip(self.model.blocks, context):
-            if block.kind == "A":   # torch.cat: a new contiguous tensor, so the strides never change either
-                k, v, pos = ctx
-                pad, keep = max(M - len(pos), 0), len(pos) - min(M, len(pos))
-                ctx = (*(torch.cat([x.new_zeros(*x.shape[:2], pad, x.shape[3]), x[:, :, keep:]], 2) for x in (k, v)),
-                       torch.cat([pos.new_full((pad,), 2**40), pos[keep:]]))
-            fixed.append(ctx if block.kind == "A" else ctx.contiguous())
-        return fixed

@@ -41,7 +41,8 @@ import probe
 import runs
 import sleep_lm
 import train
-from sleep_lm import CompiledSleepCache, SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
+from runs import CompiledSleepCache
+from sleep_lm import SleepCache, SleepLM, SleepLMConfig, gated_delta_rule
 
 
 # Parity tests run on every device here: exactly (float64) on the CPU; on CUDA in float32 and under
@@ -2657,16 +2658,18 @@ def test_a_parallel_sweep_trains_its_runs_side_by_side_as_the_sequential_one_doe
 
 @slow
 def test_ctrl_c_stops_a_side_by_side_sweep_with_a_checkpoint_per_run(tmp_path):
-    argv = [*SMOKE, f"--out_dir={tmp_path}", "--max_iters=100000", "--log_interval=1", "--sweep=1,2", "--parallel=2"]
+    # three runs, two at a time: the third is still waiting when Ctrl-C comes, and must not hold the sweep open
+    argv = [*SMOKE, f"--out_dir={tmp_path}", "--max_iters=100000", "--log_interval=1", "--sweep=1,2,3", "--parallel=2"]
     process = train_process(*argv)
-    read_until(process, r"^\[run 1/2 .*\] step ")
-    read_until(process, r"^\[run 2/2 .*\] step ")
+    read_until(process, r"^\[run 1/3 .*\] step ")
+    read_until(process, r"^\[run 2/3 .*\] step ")
     process.send_signal(signal.SIGINT)
     out = process.communicate(timeout=HANG_GUARD)[0]
     assert process.returncode == 130 and "Traceback" not in out
     assert out.strip().splitlines()[-1].endswith(f"To continue: python train.py {shlex.join(argv)}")
     for n in (1, 2):
         assert torch.load(tmp_path / f"N{n}_seed0" / "ckpt.pt", weights_only=False)["step"] >= 1
+    assert not (tmp_path / "N3_seed0" / "ckpt.pt").exists(), "a waiting run started after Ctrl-C"
 
 
 @slow

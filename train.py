@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 import runs
 from data import make_task
-from sleep_lm import CUDA_GRAPH_MODES, SleepLM, SleepLMConfig
+from sleep_lm import SleepLM, SleepLMConfig
 
 
 # The defaults. A preset (PRESETS, below) overrides some of them, --key=value overrides both; `--help`
@@ -264,7 +264,7 @@ def train_step(model_for_step, model, optimizers, batch, step, cfg, world_size, 
         x, y = (t[m * micro:(m + 1) * micro].to(device, non_blocking=True) for t in (idx, targets))
         share = int((targets[m * micro:(m + 1) * micro] >= 0).sum()) / batch_answers   # of the global batch's answers
         sync = m == accumulation - 1 or world_size == 1          # DDP all-reduces gradients on the last micro-step
-        if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES:
+        if cfg.compile and cfg.compile_mode in runs.CUDA_GRAPH_MODES:
             torch.compiler.cudagraph_mark_step_begin()            # a new forward: earlier outputs are consumed
         with nullcontext() if sync else model_for_step.no_sync():
             with runs.autocast(device.type):
