@@ -505,6 +505,10 @@ def save_checkpoint(path, **state):
 def load_checkpoint(path):
     """A checkpoint as a dict (tensors on the CPU), or a ValueError that names the file."""
     if not os.path.exists(path):
+        near = same_run_other_length(os.path.dirname(path))
+        if near:   # e.g. --resume --max_iters=200 after a run of 100 steps: max_iters is in the folder's name
+            raise FileNotFoundError(f"no checkpoint at {path}; the run in {near[0]} differs only in --max_iters, "
+                                    f"which is part of a run's folder name: to extend it, give --out_dir={near[0]}")
         raise FileNotFoundError(f"no checkpoint at {path}: give the flags the run was started with (they name "
                                 f"its folder) or its --out_dir")
     try:
@@ -512,6 +516,15 @@ def load_checkpoint(path):
     except Exception as e:   # truncated, not a checkpoint, or from an incompatible version
         raise ValueError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); it may be truncated "
                          f"or not a train.py checkpoint") from None
+
+
+def same_run_other_length(folder):
+    """The run folders beside `folder` whose names differ from its only in max_iters (and hold a checkpoint)."""
+    parent, name = os.path.split(os.path.normpath(folder))
+    plain = lambda text: re.sub(r"_max_iters=\d+", "", text)   # noqa: E731
+    found = os.listdir(parent) if parent and os.path.isdir(parent) else []
+    return sorted(os.path.join(parent, d) for d in found if d != name and plain(d) == plain(name)
+                  and os.path.exists(os.path.join(parent, d, "ckpt.pt")))
 
 
 def saved_config(ckpt, config):

@@ -2515,6 +2515,19 @@ def test_a_new_run_refuses_to_overwrite_a_checkpoint(tmp_path):
         quiet_train(SMOKE + [f"--out_dir={tmp_path}", "--task=depo"])
 
 
+def test_resume_with_a_new_max_iters_names_the_run_it_means(tmp_path, monkeypatch):
+    # --max_iters is part of a run's folder name, so `--resume --max_iters=6` after a 4-step run looks in
+    # another folder: the error names the run's own folder and the flag that reaches it
+    monkeypatch.chdir(tmp_path)
+    quiet_train(SMOKE)
+    (done,) = [p.parent for p in tmp_path.glob("out/*/*/ckpt.pt")]
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--out_dir={done.relative_to(tmp_path)}")):
+        parse_args([*SMOKE, "--max_iters=6", "--resume"])
+    assert parse_args([*SMOKE, f"--out_dir={done}", "--max_iters=6", "--resume"])[0].max_iters == 6   # as told
+    with pytest.raises(FileNotFoundError, match="give the flags the run was started with"):
+        parse_args([*SMOKE, "--seed=5", "--resume"])            # no run of another length either
+
+
 def test_an_unreadable_checkpoint_is_named_in_the_error(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "ckpt.pt"))):
