@@ -822,7 +822,7 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     if args.speed:
-        measure_speed(task, PAPER_BATCH_SIZE[args.task])
+        measure_speed(task, PAPER_BATCH_SIZE.get(args.task, 64))   # a task without a paper batch size: 64
         return
     print(f"{task.name} ({task.preset}): T={task.seq_len}, window L={task.window}, vocab {task.vocab_size}, "
           f"eval levels {task.levels}, metric {task.metric}")

@@ -11,8 +11,10 @@ Prediction ("wake") stays one ordinary pass.
 
 Read in this order: gated_delta_rule (the local rule: per-token reference, exact chunkwise form); Attention,
 GatedDeltaNet, MLP, Block; SleepState (per block its context and S; evict); SleepLM.forward (Algorithm 1, the loop
-every caller runs) and its steps process_window, wake_pass, sleep_pass; SleepCache (streaming: the same steps as
-tokens arrive). The end of the file, marked, holds what a first reading can skip: input checks and fast paths.
+every caller runs) and its steps process_window, wake_pass, sleep (the loop over passes), sleep_pass; SleepCache
+(streaming: the same steps as tokens arrive). The end of the file, marked, holds what a first reading can skip: input
+checks and fast paths. To change something, docs/model.md "Where to change things" says where, and which tests then
+fail by design (the independent references) and which must keep passing.
 
 Shapes: B batch, T tokens, C n_embd, V vocabulary, H heads, Dk / Dv key / value head dims, L window, N passes per
 window (N = 1: no sleep), Lc chunk of the chunkwise rule (a speed device, not a window), K the GDN's conv kernel.
@@ -139,7 +141,8 @@ def rotate(x, pos, inv_freq):
 
 class Attention(nn.Module):
     """Causal softmax attention over at most the last `span` positions (itself included). Its context:
-    (keys, values, positions) of the tokens before x, keys already rotated; (B, H, Tc, D), (B, H, Tc, D), (Tc,)."""
+    (keys, values, positions) of the tokens before x, keys already rotated; (B, H, Tc, D), (B, H, Tc, D), (Tc,).
+    pos (T,): x's positions, increasing in token order (the is_causal shortcut below counts on it)."""
 
     def __init__(self, config):
         super().__init__()
@@ -381,13 +384,11 @@ class SleepLM(nn.Module):
         with torch.no_grad() if untracked else contextlib.nullcontext():
             out, loop_input, h, state = self.wake_pass(embeddings, pos, state)
             wake_logits = self.head(out)
-            for _ in range(untracked - 1):
-                h, state = self.sleep_pass(h, loop_input, pos, state)
+            h, state = self.sleep(h, loop_input, pos, state, untracked - 1)
         if untracked:   # straight-through: untracked values, identity gradient
             h, loop_input = (embeddings + (x - embeddings).detach() for x in (h, loop_input))
             state = replace(state, S=[s if s is None else s_in + (s - s_in).detach() for s_in, s in zip(S_in, state.S)])
-        for _ in range(passes - max(untracked, 1)):          # the (tracked) sleep passes
-            h, state = self.sleep_pass(h, loop_input, pos, state)
+        h, state = self.sleep(h, loop_input, pos, state, passes - max(untracked, 1))   # the (tracked) sleep passes
         # Logits of a consolidation window are never trained on: keep them out of the graph.
         return (wake_logits if passes == 1 else wake_logits.detach()), state
 
@@ -400,6 +401,13 @@ class SleepLM(nn.Module):
         h, state = self.run_blocks(h, pos, state, loop, state.context)
         out, state = self.run_blocks(h, pos, state, range(loop.stop, len(self.blocks)), state.context)
         return out, loop_input, h, state
+
+    def sleep(self, h, loop_input, pos, state, passes):
+        """`passes` sleep passes in a row, each on the last one's output h and S: the loop over passes that
+        training, evaluation and streaming (SleepCache.sleep) all run. Returns h and the state."""
+        for _ in range(passes):
+            h, state = self.sleep_pass(h, loop_input, pos, state)
+        return h, state
 
     def sleep_pass(self, h, loop_input, pos, state):
         """One sleep pass (Algorithm 1, step 3): the looped blocks again on their output h, from the window's starting
@@ -484,7 +492,7 @@ class SleepLM(nn.Module):
 
 
 class SleepCache:
-    """A streaming SleepLM: forward's steps (wake_pass, sleep_pass, SleepState.evict), taken as tokens arrive.
+    """A streaming SleepLM: forward's steps (wake_pass, sleep, SleepState.evict), taken as tokens arrive.
     It holds the SleepState and the looped blocks' wake-pass output and input (features, loop_inputs) for the
     window so far: memory is bounded by the window (unless eviction is "none")."""
 
@@ -525,8 +533,7 @@ class SleepCache:
         """Passes 2..N over the full window, from its starting context and the current S."""
         h, loop_input = torch.cat(self.features, dim=1), torch.cat(self.loop_inputs, dim=1)
         pos = torch.arange(self.window_start, self.pos, device=h.device)
-        for _ in range(self.sleep_passes - 1):
-            h, self.state = self.model.sleep_pass(h, loop_input, pos, self.state)
+        _, self.state = self.model.sleep(h, loop_input, pos, self.state, self.sleep_passes - 1)
 
     def evict(self):
         self.start_window(self.state.evict())

@@ -74,6 +74,12 @@ def slow(test):
         test = mark(test)
     return test
 
+# The tests against a reference written again from the paper (the rule by hand, the layers, the whole model,
+# Algorithm 1) carry the mark `reference`: they fail by design when you change the method on purpose. While
+# experimenting, `-m "not reference"` keeps the tests that the code agrees with itself (chunkwise vs per-token
+# rule, streaming vs forward, fast vs plain paths, checkpointing, gradients everywhere).
+reference = pytest.mark.reference
+
 # Subprocesses get a hang guard only, never a measure of speed: far beyond what they take on a busy machine.
 HANG_GUARD = 900   # seconds
 
@@ -160,6 +166,7 @@ def test_chunked_rule_without_initial_state_matches_recurrent(device, precision)
     assert_close(s, s_ref, rtol, atol, what="final state")
 
 
+@reference
 def test_rule_two_token_example_by_hand():
     # B = H = 1, Dk = 2, Dv = 1. Token 1 writes v = 2 under key e1; token 2 decays by 1/2, then
     # rewrites the value under key e1 from 1 (= 2 / 2) towards 5 with beta = 1/2, so it becomes 3.
@@ -249,6 +256,7 @@ def reference_attention(mixer, x, pos, span, base, context=None):
     return y @ mixer.proj.weight.T, (keys.transpose(1, 2), values.transpose(1, 2), key_pos)
 
 
+@reference
 @pytest.mark.parametrize("case", ["causal", "span", "far_positions", "sliding_context", "one_token"])
 def test_attention_layer_matches_an_independent_reference(case):
     base = 500.0                                         # not the default: the layer must use the config's
@@ -325,6 +333,7 @@ def reference_gated_deltanet(mixer, x, conv_window, S):
     return o.reshape(B, T, H * D) @ mixer.proj.weight.T, S, padded[:, -(K - 1):]
 
 
+@reference
 @pytest.mark.parametrize("with_context", [False, True])
 def test_gated_deltanet_layer_matches_an_independent_reference(with_context):
     mixer = tiny_model().blocks[1].mixer
@@ -641,6 +650,7 @@ def compare_with_reference(model, idx, targets, call, check_grads=True, what="")
 MODEL_CASES = range(140, 154)   # seeds whose draws cover every feature listed in draw_case
 
 
+@reference
 @pytest.mark.parametrize("index", MODEL_CASES, ids=case_id)
 def test_forward_logits_loss_and_every_gradient_match_the_reference(index):
     config, call, idx, targets = draw_case(index)
@@ -666,6 +676,7 @@ def fixed_batch(T=14, vocab=11):
 
 @pytest.mark.parametrize("eviction, sleep_blocks, injection", [("hard", None, False), ("sliding", (1, 3), True)],
                          ids=["hard", "sliding-loop13-inject"])
+@reference
 def test_truncated_backprop_and_checkpointing_keep_the_reference_values(eviction, sleep_blocks, injection):
     # bptt_passes and checkpoint_windows change only what backward records, never the values. Gradients:
     # checkpointing recomputes, so it is full backprop; bptt_passes >= N (3 here) records every pass.
@@ -699,6 +710,7 @@ def settings_id(settings):
 
 @pytest.mark.parametrize("eviction, settings", STREAM_CASES,
                          ids=[f"{eviction}-{settings_id(settings)}" for eviction, settings in STREAM_CASES])
+@reference
 def test_streaming_feed_in_random_pieces_matches_the_reference(eviction, settings):
     config = fixed_case(eviction=eviction, sleep_blocks=(0, 2), input_injection=True)
     model = perturbed_model(config, seed=5)
@@ -732,6 +744,7 @@ def greedy(forward, prompt, steps, settings):
 @pytest.mark.parametrize("settings", [{}, {"sleep_passes": 1}, {"window": 5}, {"eviction": "sliding"},
                                       {"eviction": "none"}, {"sleep_passes": 3, "window": 4, "eviction": "sliding"}],
                          ids=settings_id)
+@reference
 def test_greedy_generate_matches_the_rolled_reference_at_every_per_call_setting(settings):
     config = fixed_case(eviction="hard", window=3, sleep_passes=2, layers="AG")
     model = perturbed_model(config, seed=9)
@@ -798,6 +811,7 @@ def algorithm1(model, idx, targets):
     return torch.cat(logits, dim=1), loss
 
 
+@reference
 def test_forward_is_algorithm1_written_from_the_paper():
     # Logits, loss and gradients over two consolidation windows, a prediction window with a gap in its
     # answers, and a partial window.
@@ -1022,6 +1036,9 @@ def test_fast_paths_match_the_plain_forms(eviction, monkeypatch):
     assert_close(logits, plain_logits, what="logits")
     assert_close(loss, plain_loss, what="loss")
     for (name, _), g, expected in zip(model.named_parameters(), grads, plain_grads):
+        if g is None or expected is None:   # unused by the model (an edit left it out): both paths must agree
+            assert g is None and expected is None, f"gradient of {name}: on one path only"
+            continue
         assert_close(g, expected, what=f"gradient of {name}")
 
 
@@ -1054,6 +1071,29 @@ def test_streaming_logits_equal_forward_across_sleep_boundaries(eviction, inject
         for t in (7, 8, 20):                             # forward on a prefix sees no future
             prefix, _ = model(x[:, :t + 1], eviction=eviction)
             assert_close(prefix[:, -1], expected[:, t], *tolerance, what=f"prefix of {t + 1} tokens")
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_a_change_to_the_loop_over_passes_reaches_forward_and_streaming_alike(eviction, monkeypatch):
+    # SleepLM.sleep is the one loop over sleep passes: forward (training, evaluation) and SleepCache both run
+    # it, so a variant written there (here: each pass starts from half its input) changes both the same way.
+    model = tiny_model(sleep_passes=3, layers="AG")
+    x = tokens(2, 29)                                    # windows of 8
+
+    def halving_sleep(self, h, loop_input, pos, state, passes):
+        for _ in range(passes):
+            h, state = self.sleep_pass(h / 2, loop_input, pos, state)
+        return h, state
+
+    with torch.no_grad():
+        before, _ = model(x, eviction=eviction)
+        monkeypatch.setattr(SleepLM, "sleep", halving_sleep)
+        after, _ = model(x, eviction=eviction)
+        cache = SleepCache(model, 2, eviction=eviction)
+        streamed = torch.cat([cache.feed(x[:, t:t + 1]) for t in range(29)], dim=1)
+    assert (after[:, 8:] - before[:, 8:]).abs().max() > 1e-3   # the variant changes what later windows see
+    assert_close(after[:, :8], before[:, :8], what="the first window (before any sleep)")
+    assert_close(streamed, after, *TOLERANCE["float64"]["model"], what="streaming vs forward under the variant")
 
 
 @pytest.mark.parametrize("eviction, sleep_blocks", [("hard", None), ("sliding", None), ("sliding", (1, 2))])
@@ -1519,7 +1559,9 @@ def test_math_distractors_come_in_every_kind_and_a_quarter_are_constants():
 # data.py: layouts
 
 
-TASK_PRESETS = [(cls.name, preset) for cls in (data.Rule110, data.Depo, data.Math) for preset in cls.presets]
+# The generic tests of data.py run over every task in data.TASKS, so a new task is checked as it is added.
+TASK_NAMES = list(data.TASKS)
+TASK_PRESETS = [(name, preset) for name, cls in data.TASKS.items() for preset in cls.presets]
 
 
 @pytest.mark.parametrize("name, preset", TASK_PRESETS)
@@ -1535,10 +1577,12 @@ def test_targets_are_minus_one_outside_answer_positions(name, preset):
             _, queries = solve_depo(task, tokens)
             expected = {equals + j for _, _, answer, equals in queries for j in range(len(answer))}
             assert all(target_row[p] == row[p + 1] for p in expected)  # teacher forcing
-        else:
+        elif name == "math":
             marker = tokens.index("answer")
             expected = {marker}
             assert target_row[marker] == row[marker + 1]
+        else:
+            pytest.fail(f"add the answer positions of task {name} to this test")
         assert set(torch.nonzero(target_row != -1).flatten().tolist()) == expected
 
 
@@ -1594,7 +1638,7 @@ def test_math_paper_layout_question_first_answer_after_the_first_window():
 # data.py: determinism and the train / eval split
 
 
-@pytest.mark.parametrize("name", ["rule110", "depo", "math"])
+@pytest.mark.parametrize("name", TASK_NAMES)
 def test_train_batch_is_a_pure_function_of_seed_and_step(name):
     task = data.make_task(name)
     first, again = task.train_batch(32, step=7, seed=1), data.make_task(name).train_batch(32, step=7, seed=1)
@@ -1603,7 +1647,7 @@ def test_train_batch_is_a_pure_function_of_seed_and_step(name):
     assert not torch.equal(first[0], task.train_batch(32, step=7, seed=2)[0])
 
 
-@pytest.mark.parametrize("name", ["rule110", "depo", "math"])
+@pytest.mark.parametrize("name", TASK_NAMES)
 def test_eval_set_is_fixed_and_a_prefix_of_longer_eval_sets(name):
     task = data.make_task(name)
     level = task.levels[-1]
@@ -1636,7 +1680,7 @@ def test_eval_and_train_streams_never_share_an_input(name, overrides):
 
 
 @slow
-@pytest.mark.parametrize("name", ["rule110", "depo", "math"])
+@pytest.mark.parametrize("name", TASK_NAMES)
 def test_the_evaluation_split_holds_one_input_in_sixteen(name):
     task = data.make_task(name)
     idx, _, _ = task._generate(np.random.default_rng(7), 3200, task.train_levels, evaluation=False)
@@ -1836,7 +1880,7 @@ def test_math_answer_follows_from_exactly_op_chained_operations_and_distractors_
 # ----------------------------------------------------------------------------------------------------
 # data.py: train_batch is a pure function, eval sets are fixed and hold only evaluation-split inputs
 
-TASKS = [("rule110", {}), ("depo", {}), ("math", {})]
+TASKS = [(name, {}) for name in TASK_NAMES]
 TINY_TASKS = [("rule110", dict(width=8)),                  # input spaces where the streams would collide
               ("depo", dict(max_nodes=4, name_tokens=5, max_hops=2, queries=2, query_len=8))]
 
@@ -1885,7 +1929,7 @@ def test_eval_sets_hold_only_evaluation_split_inputs_and_training_batches_none(n
 # data.py: vocabulary, validation, scoring, the command line
 
 
-@pytest.mark.parametrize("name", ["rule110", "depo", "math"])
+@pytest.mark.parametrize("name", TASK_NAMES)
 def test_encode_inverts_decode(name):
     task = data.make_task(name, rendering="realistic", **REALISTIC_CPU) if name == "math" else data.make_task(name)
     idx = task.train_batch(4, step=0)[0]
@@ -1976,7 +2020,7 @@ def test_data_cli_takes_overrides_as_key_value_and_as_flags(capsys):
 
 
 def test_cli_prints_examples(capsys):
-    for name in ("rule110", "depo", "math"):
+    for name in TASK_NAMES:
         task = data.make_task(name)
         idx, targets, difficulty = task.train_batch(1, step=0)
         data.show_example(task, idx[0], targets[0], difficulty[0])
@@ -2160,7 +2204,7 @@ def test_evaluate_counts_an_example_exactly_right_only_when_all_its_answers_and_
 
 @slow
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("task", ["rule110", "depo", "math"])
+@pytest.mark.parametrize("task", TASK_NAMES)
 def test_training_runs_end_to_end_with_finite_loss_and_accuracy_per_level(task, device, tmp_path):
     cfg, overrides = smoke_config(tmp_path, f"--task={task}", f"--device={device}")
     result = train.train(cfg, overrides, log=lambda *a: None)
@@ -2389,6 +2433,13 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path)
 def test_invalid_flags_are_refused_with_a_clear_message(argv, message):
     with pytest.raises(ValueError, match=message):
         parse_args(argv)
+
+
+def test_a_task_of_data_py_without_presets_names_the_presets_table(monkeypatch):
+    # A task just added to data.TASKS, before its line in train.PRESETS: the error says where to add it.
+    monkeypatch.setitem(data.TASKS, "parity", data.Rule110)
+    with pytest.raises(ValueError, match=r"--task=parity is a task of data.py, but .*PRESETS.*\('parity', 'cpu'\)"):
+        parse_args(["--task=parity"])
 
 
 def test_an_unknown_flag_suggests_the_nearest_setting():
@@ -2636,7 +2687,7 @@ def test_the_sweep_eta_is_never_above_the_time_the_sweep_takes_and_at_least_half
 
 
 def test_window_counts_are_the_windows_before_the_answers_and_those_holding_them():
-    for name in ("rule110", "depo", "math"):
+    for name in TASK_NAMES:
         task = data.make_task(name, preset="cpu")
         consolidation, prediction = runs.window_counts(task)
         _, targets, _ = task.eval_set(task.levels[0], 4, seed=5)
