@@ -3777,7 +3777,23 @@ def test_the_fig2b_table_in_the_docs_is_the_record_as_scripts_fig2b_draws_it():
 
 
 # ----------------------------------------------------------------------------------------------------
-# README.md and docs/: every command and code block runs as written
+# README.md and docs/: excerpts of sleep_lm.py are its lines; every command and code block runs as written
+
+
+def test_the_docs_excerpts_of_sleep_lm_are_its_current_lines():
+    # A fenced text block that calls itself an excerpt (in the block or the line before it) quotes sleep_lm.py:
+    # each quoted line, its comment aside, must be a line of the code as it is now ("..." skips).
+    source = {line.split("  #")[0].strip() for line in (HERE / "sleep_lm.py").read_text().splitlines()}
+    excerpts = 0
+    for path in [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]:
+        for before, block in re.findall(r"([^\n]*)\n+```text\n(.*?)```", path.read_text(), flags=re.S):
+            if "excerpt" not in before + block:
+                continue
+            excerpts += 1
+            for line in block.splitlines():
+                code = line.split("  #")[0].strip()
+                assert code in source or code in ("", "..."), f"{path.name}: {code!r} is not a line of sleep_lm.py"
+    assert excerpts >= 2
 
 
 def documented_code():
