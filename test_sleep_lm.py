@@ -892,6 +892,17 @@ def test_a_window_whose_only_answer_is_its_last_token_predicts_and_is_never_slep
     assert_close(model(x, y, sleep_passes=3)[1], loss, what="no window sleeps: every N gives the N = 1 loss")
 
 
+def test_a_freshly_initialised_model_is_blind_to_sleep_so_checks_randomise_its_output_projections():
+    # docs/porting.md, "Checking a port": init_weights zeroes every block's output projection, so each block
+    # starts as the identity and N changes nothing; a port compared with a fresh SleepLM would pass broken.
+    torch.manual_seed(0)
+    fresh = SleepLM(tiny_config()).double()
+    x = tokens(2, 29)
+    assert torch.equal(fresh(x, sleep_passes=1)[0], fresh(x, sleep_passes=3)[0])
+    randomised = tiny_model()                            # the same config, output projections drawn at random
+    assert (randomised(x, sleep_passes=1)[0] - randomised(x, sleep_passes=3)[0]).abs().max() > 1e-3
+
+
 def test_sleep_changes_the_loss_and_gradients_reach_the_first_window():
     model = tiny_model()
     x = torch.cat([tokens(2, 8, vocab=6), tokens(2, 16, seed=2, vocab=13, low=6)], dim=1)  # ids < 6 only in window 1
