@@ -253,14 +253,14 @@ def collect_states(model, idx, targets, windows, blocks, batch_size=256):
     noted = []   # per window forward ran: S entering it, then S after each of its passes
     wake_pass, sleep_pass = model.wake_pass, model.sleep_pass
 
-    def noting_wake_pass(h, pos, state):
+    def noting_wake_pass(h, pos, state, **kwargs):
         noted.append([features(state.S)])
-        *out, state = wake_pass(h, pos, state)
+        *out, state = wake_pass(h, pos, state, **kwargs)
         noted[-1].append(features(state.S))
         return *out, state
 
-    def noting_sleep_pass(*args):
-        h, state = sleep_pass(*args)
+    def noting_sleep_pass(*args, **kwargs):
+        h, state = sleep_pass(*args, **kwargs)
         noted[-1].append(features(state.S))
         return h, state
 

@@ -149,9 +149,12 @@ def test_chunked_rule_matches_recurrent_outputs_state_and_gradients(chunk_size, 
     assert_close(s, s_ref, rtol, atol, what="final state")
     g = torch.Generator().manual_seed(7)
     w_o, w_s = (torch.randn(x.shape, generator=g, dtype=x.dtype).to(device) for x in (o, s))
-    grads_ref = torch.autograd.grad((o_ref * w_o).sum() + (s_ref * w_s).sum(), inputs)
-    grads = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), inputs)
+    grads_ref = torch.autograd.grad((o_ref * w_o).sum() + (s_ref * w_s).sum(), inputs, allow_unused=True)
+    grads = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), inputs, allow_unused=True)
     for name, a, b in zip(["q", "k", "v", "log_decay", "beta", "state"], grads, grads_ref):
+        if a is None or b is None:   # an input a changed rule no longer reads: both forms must ignore it
+            assert a is None and b is None, f"grad of {name}: one form reads it, the other does not"
+            continue
         assert_close(a, b, rtol, atol, what=f"grad of {name}")
 
 
@@ -985,6 +988,7 @@ def test_default_sleep_blocks_is_the_whole_stack_and_one_pass_ignores_the_slice_
     assert tiny_config(sleep_blocks=[1, 3]).sleep_blocks == (1, 3)
 
 
+@reference
 def test_sleep_passes_rerun_only_the_sliced_blocks_on_their_own_output():
     # AGAG looping blocks 1..2: per consolidation window blocks 0 and 3 run once (block 3, a GDN block,
     # writes its S once), blocks 1 and 2 run N times, each sleep pass on block 2's output plus the
@@ -2448,9 +2452,10 @@ def test_invalid_flags_are_refused_with_a_clear_message(argv, message):
 
 def test_a_task_of_data_py_without_presets_names_the_presets_table(monkeypatch):
     # A task just added to data.TASKS, before its line in train.PRESETS: the error says where to add it.
-    monkeypatch.setitem(data.TASKS, "parity", data.Rule110)
-    with pytest.raises(ValueError, match=r"--task=parity is a task of data.py, but .*PRESETS.*\('parity', 'cpu'\)"):
-        parse_args(["--task=parity"])
+    monkeypatch.setitem(data.TASKS, "no_presets_yet", data.Rule110)
+    with pytest.raises(ValueError, match=r"--task=no_presets_yet is a task of data.py, but .*PRESETS.*"
+                                         r"\('no_presets_yet', 'cpu'\)"):
+        parse_args(["--task=no_presets_yet"])
 
 
 def test_an_unknown_flag_suggests_the_nearest_setting():
@@ -3080,7 +3085,8 @@ def test_the_seed_decides_the_initial_weights_and_the_data_order(tmp_path):
     (weights, batches), (weights_again, batches_again), (other_weights, other_batches) = \
         run("a", 0), run("b", 0), run("c", 1)
     random = [name for name, w in weights.items() if len(w.unique()) > 1]
-    assert len(random) >= 10
+    fixed = [name for name in weights if "norm" in name or name.endswith(".proj.weight")]   # ones, zeros
+    assert random and sorted(random) == sorted(set(weights) - set(fixed)), "the seed draws every other weight"
     for name, w in weights.items():
         assert torch.equal(weights_again[name], w), f"{name}: the same seed gave other initial weights"
         assert name not in random or not torch.equal(other_weights[name], w), f"{name}: another seed, the same"

@@ -44,7 +44,7 @@ from sleep_lm import SleepLM, SleepLMConfig
 # and the settings printed at start show the values in effect.
 @dataclass
 class TrainConfig:
-    task: str = "rule110"            # rule110, depo or math (data.TASKS)
+    task: str = "rule110"            # a task of data.TASKS: rule110, depo, math
     preset: str = "cpu"              # cpu (a laptop CPU, minutes), gpu (one GPU; rule110, depo), paper (paper scale)
     seed: int = 0                    # model init and data order
     # model
