@@ -225,11 +225,11 @@ def preset_settings(task_name, preset, config, presets):
     """Every setting's default for this task and preset (config's defaults, then the preset's)."""
     if (task_name, preset) not in presets:
         tasks = {t: [p for t2, p in presets if t2 == t] for t, _ in presets}
-        listed = "; ".join(f"{t}: {', '.join(p)}" for t, p in tasks.items())
         if task_name in TASKS and task_name not in tasks:   # a task data.py has, with no presets yet
             raise ValueError(f"--task={task_name} is a task of data.py, but the presets (train.py's PRESETS) have "
                              f"no entry for it: add ({task_name!r}, {preset!r}): dict(...) with its model settings "
                              f"(see docs/model.md, 'A new task')")
+        listed = "; ".join(f"{t}: {', '.join(p)}" for t, p in tasks.items())
         raise ValueError(f"--task must be one of {', '.join(tasks)} and --preset one of its presets ({listed}); "
                          f"got task={task_name!r}, preset={preset!r}")
     return {**dataclasses.asdict(config()), "task": task_name, "preset": preset, **presets[task_name, preset]}
