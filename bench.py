@@ -47,6 +47,7 @@ PEAK_TFLOPS; none for a CPU unless given). On CUDA the training rows run under b
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -414,6 +415,9 @@ def peak_memory_mb(step, device):
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    # torch's profiler (Kineto) prints two log lines to stderr per profile; level 6 is above its highest
+    # (USDT), so it stays quiet. Read when a profile starts; a value set by the user wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),

@@ -1278,7 +1278,9 @@ def test_compiled_model_matches_eager_loss_and_gradients(monkeypatch):
     loop = copy.copy(model)                              # the same parameters, its input checks done above
     monkeypatch.setattr(loop, "plan_windows", lambda *args: plan)
     loop = torch.compile(loop, backend="eager", fullgraph=True)
-    for N, bptt_passes in ((1, None), (2, None), (2, 1)):
+    # N = 2 with full backprop (gradients through both passes) and truncated to the last pass (an untracked
+    # pass, then a tracked one); N = 1 runs the same loop with one tracked pass (each graph costs seconds).
+    for N, bptt_passes in ((2, None), (2, 1)):
         model.config.bptt_passes = bptt_passes
         results = []
         for forward in (model, compiled, loop):
@@ -3263,13 +3265,16 @@ def test_a_sweeps_table_and_fig2_agree_with_numpy_on_the_runs_numbers(tmp_path, 
 
 
 @slow
-def test_quick_bench_produces_every_row_with_finite_numbers(tmp_path):
+def test_quick_bench_produces_every_row_with_finite_numbers_one_thread_and_each_line_as_it_comes(tmp_path):
+    # As a user runs it, output redirected to a file (run_redirected: no PYTHONUNBUFFERED, no OMP_NUM_THREADS):
+    # one thread by default (two OpenMP threads on a shared 2-core machine can stall for seconds per step),
+    # each line in the file as it is printed, and nothing on stderr but bench's own progress lines.
     out = tmp_path / "bench.json"
-    # One thread: on a shared 2-core machine two OpenMP threads can stall for seconds per step.
-    done = subprocess.run([sys.executable, "bench.py", "--quick", "--device=cpu", "--threads=1", "--peak_tflops=1",
-                           f"--json={out}"],
-                          cwd=HERE, timeout=HANG_GUARD, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    seen = run_redirected(["bench.py", "--quick", "--device=cpu", "--peak_tflops=1", f"--json={out}"],
+                          tmp_path / "out.txt", tmp_path / "err.txt")
+    assert_lines_as_they_come_and_one_thread(seen, (tmp_path / "out.txt").read_text())
+    stray = [line for line in (tmp_path / "err.txt").read_text().splitlines() if not line.startswith("bench: ")]
+    assert not stray, stray[:5]
     rows = json.loads(out.read_text())["rows"]
     counts = {}
     for r in rows:
@@ -3546,18 +3551,19 @@ def run_redirected(argv, out, err):
     return seen
 
 
-@slow
-@pytest.mark.parametrize("tool", ["probe", "bench"])
-def test_probe_and_bench_use_one_thread_and_print_each_line_as_it_comes_into_a_file(probe_runs, tmp_path, tool):
-    argv = {"probe": ["probe.py", f"--out_dir={probe_runs['rule110']}", "--examples=256", "--device=cpu",
-                      f"--md={tmp_path / 'probe.md'}", "--png="],
-            "bench": ["bench.py", "--quick", "--device=cpu", "--only=rule,train"]}[tool]
-    out = tmp_path / "out.txt"
-    seen = run_redirected(argv, out, tmp_path / "err.txt")
-    final = out.read_text()
+def assert_lines_as_they_come_and_one_thread(seen, final):
     # block-buffered, the whole output (a few KB) would reach the file only when the process ends
     assert seen.count("\n") >= 1 and final.startswith(seen) and final.count("\n") > seen.count("\n"), (seen, final)
     assert re.search(r"\b1 threads?\b", final.splitlines()[0]), final.splitlines()[0]   # not torch's one per core
+
+
+@slow
+def test_probe_uses_one_thread_and_prints_each_line_as_it_comes_into_a_file(probe_runs, tmp_path):
+    # (bench.py's run of the same check is test_quick_bench_produces_every_row_...: one process for both)
+    out = tmp_path / "out.txt"
+    seen = run_redirected(["probe.py", f"--out_dir={probe_runs['rule110']}", "--examples=256", "--device=cpu",
+                           f"--md={tmp_path / 'probe.md'}", "--png="], out, tmp_path / "err.txt")
+    assert_lines_as_they_come_and_one_thread(seen, out.read_text())
 
 
 # ----------------------------------------------------------------------------------------------------
