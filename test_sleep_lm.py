@@ -3786,7 +3786,9 @@ def test_fig2b_keeps_every_evaluation_of_every_run_and_redraws_the_curves_from_t
         assert [r["step"] for r in mine] == steps == [h["step"] for h in history], mine
         assert [r["exact"] for r in mine] == [round(h["eval"][str(n)][2]["exact"], 4) for h in history]
     table = (tmp_path / "b.md").read_text()
-    assert "(at step 2, still training)" in table and table.count("still training") == 1, table
+    per_run, per_n = table.split("Per N:")
+    assert "(at step 2, still training)" in per_run and per_run.count("still training") == 1, table
+    assert "| 2 | 2 | 1 (+1 still training) |" in per_n, table
     fig2b.main([f"--record={record}", f"--out={tmp_path / 'again'}"])          # the record alone: the same table
     assert (tmp_path / "again.md").read_text() == table
     curve = [(250, 0.1, 1.0), (500, 0.6, 2.0), (750, 0.4, 3.0), (1000, 0.95, 4.0)]
@@ -3796,11 +3798,29 @@ def test_fig2b_keeps_every_evaluation_of_every_run_and_redraws_the_curves_from_t
     assert steps == [250, 500] and means == pytest.approx([0.1, 0.6])
 
 
+def test_fig2b_summary_counts_finished_runs_only_and_reports_each_seeds_first_step():
+    sys.path.insert(0, str(HERE / "scripts"))
+    import fig2b
+
+    def run(n, seed, exacts, max_iters=1000):
+        return [dict(t=5, N=n, seed=seed, max_iters=max_iters, step=250 * (i + 1), exact=e, minutes=1.0, code="")
+                for i, e in enumerate(exacts)]
+    rows = (run(1, 0, [0.1, 0.1, 0.2, 0.2]) + run(1, 1, [0.1, 0.2, 0.2, 0.4]) +
+            run(2, 0, [0.1, 0.6, 0.95, 0.9]) + run(2, 1, [0.1, 0.1, 0.5, 0.7]) + run(2, 2, [0.9, 0.9]) +
+            run(3, 0, [0.5]))
+    lines = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]: [c.strip() for c in line.strip("|").split("|")]
+             for line in fig2b.summary(rows).splitlines()[2:]}
+    assert lines["5", "1"][2:] == ["2", "0", "0", "0: -, 1: -", "0.300 ± 0.141 (0.200-0.400)"]
+    assert lines["5", "2"][2:] == ["2 (+1 still training)", "2", "1", "0: 500, 1: 750", "0.800 ± 0.141 (0.700-0.900)"]
+    assert lines["5", "3"][2:] == ["0 (+1 still training)", "", "", "", ""]
+
+
 def test_the_fig2b_table_in_the_docs_is_the_record_as_scripts_fig2b_draws_it():
     sys.path.insert(0, str(HERE / "scripts"))
     import fig2
     import fig2b
-    drawn = fig2b.table(fig2.read_record(HERE / "docs" / "fig2b_curves.csv", fig2b.FIELDS))
+    record = fig2.read_record(HERE / "docs" / "fig2b_curves.csv", fig2b.FIELDS)
+    drawn = fig2b.table(record) + "\n" + fig2b.summary(record)
     docs = (HERE / "docs" / "results.md").read_text()
     rows = [line for line in drawn.splitlines() if line.startswith("| ")]
     assert len(rows) >= 3 and [line for line in rows if line not in docs] == [], drawn

@@ -1,7 +1,7 @@
 """
 The paper's Fig. 2b in miniature: learning curves, exact accuracy on Rule 110 against training steps at the
-deepest rollouts, one line per N (each seed thin, the mean over seeds thick), one panel per t, and a table of
-when each run first reached 0.5 and 0.9 exact and where it ended.
+deepest rollouts, one line per N (each seed thin, the mean over seeds thick), one panel per t, a table of
+when each run first reached 0.5 and 0.9 exact and where it ended, and one of the same per N over its seeds.
 
 Each run is one train.py run at one t evaluated every --eval_interval steps on the same fixed evaluation set
 (see docs/results.md for the commands). The evaluations are kept in a record (a small CSV, one row per run and
@@ -67,6 +67,32 @@ def table(rows):
     return "\n".join(lines)
 
 
+def summary(rows):
+    """Per (t, N), over the finished runs: how many reached 0.5 and 0.9 exact, when each seed first reached
+    0.5, and the final exact (mean, sample std and range): the paper's claim, sooner and higher, at a glance."""
+    lines = ["| t | N | finished runs | reached 0.5 | reached 0.9 | first step at 0.5, by seed | final exact: "
+             "mean ± std (min-max) |", "|---|---|---|---|---|---|---|"]
+    groups = {}
+    for (t, n, seed, max_iters), curve in runs_of(rows).items():
+        groups.setdefault((t, n), []).append((seed, max_iters, curve))
+    for (t, n), group in groups.items():
+        done = [(seed, curve) for seed, max_iters, curve in group if curve[-1][0] >= max_iters]
+        training = len(group) - len(done)
+        note = f" (+{training} still training)" if training else ""
+        if not done:
+            lines.append(f"| {t} | {n} | 0{note} | | | | |")
+            continue
+        finals = [curve[-1][1] for _, curve in done]
+        mean, std = stats(finals)
+        firsts = ", ".join(f"{seed}: {'-' if first_step(curve, 0.5) is None else first_step(curve, 0.5)}"
+                           for seed, curve in done)
+        reached = [sum(first_step(curve, level) is not None for _, curve in done) for level in (0.5, 0.9)]
+        lines.append(f"| {t} | {n} | {len(done)}{note} | {reached[0]} | {reached[1]} | {firsts} | "
+                     + (f"{mean:.3f} ± {std:.3f} ({min(finals):.3f}-{max(finals):.3f}) |" if len(done) > 1
+                        else f"{mean:.3f} (one run) |"))
+    return "\n".join(lines)
+
+
 def mean_curve(curves):
     """The mean over seeds at every step that all of them evaluated, with the std (sample, ddof = 1)."""
     steps = sorted(set.intersection(*({s for s, _, _ in c} for c in curves)))
@@ -109,7 +135,7 @@ def main(argv=None):
     parser = record_arguments(__doc__, "fig2b", "runs (finished or still training)")
     args = parser.parse_args(argv)
     rows = updated_record(parser, args, collect, FIELDS, KEY)
-    write_table(table(rows), args.out)
+    write_table(table(rows) + "\n\nPer N:\n\n" + summary(rows), args.out)
     plot(rows, args.out + ".png")
 
 
