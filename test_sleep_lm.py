@@ -3784,7 +3784,8 @@ def test_fig2b_keeps_every_evaluation_of_every_run_and_redraws_the_curves_from_t
         history = torch.load(tmp_path / "runs" / f"N{n}_seed{seed}" / "ckpt.pt", weights_only=False)["history"]
         mine = [r for r in rows if (r["N"], r["seed"]) == (n, seed)]
         assert [r["step"] for r in mine] == steps == [h["step"] for h in history], mine
-        assert [r["exact"] for r in mine] == [round(h["eval"][str(n)][2]["exact"], 4) for h in history]
+        for what in ("exact", "item"):
+            assert [r[what] for r in mine] == [round(h["eval"][str(n)][2][what], 4) for h in history]
     table = (tmp_path / "b.md").read_text()
     per_run, per_n = table.split("Per N:")
     assert "(at step 2, still training)" in per_run and per_run.count("still training") == 1, table
@@ -3803,7 +3804,8 @@ def test_fig2b_summary_counts_finished_runs_only_and_reports_each_seeds_first_st
     import fig2b
 
     def run(n, seed, exacts, max_iters=1000):
-        return [dict(t=5, N=n, seed=seed, max_iters=max_iters, step=250 * (i + 1), exact=e, minutes=1.0, code="")
+        return [dict(t=5, N=n, seed=seed, max_iters=max_iters, step=250 * (i + 1), exact=e, item=0.5, minutes=1.0,
+                     code="")
                 for i, e in enumerate(exacts)]
     rows = (run(1, 0, [0.1, 0.1, 0.2, 0.2]) + run(1, 1, [0.1, 0.2, 0.2, 0.4]) +
             run(2, 0, [0.1, 0.6, 0.95, 0.9]) + run(2, 1, [0.1, 0.1, 0.5, 0.7]) + run(2, 2, [0.9, 0.9]) +

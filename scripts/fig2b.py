@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fig2 import load_checkpoint, record_arguments, stats, updated_record, write_table  # noqa: E402
 
-FIELDS = ["t", "N", "seed", "max_iters", "step", "exact", "minutes", "code"]
+FIELDS = ["t", "N", "seed", "max_iters", "step", "exact", "item", "minutes", "code"]   # item: per answer
 KEY = ["t", "N", "seed", "max_iters", "step"]
 RUN = ["t", "N", "seed", "max_iters"]
 
@@ -35,8 +35,8 @@ def collect(root, code=""):
         t, n = task["t_max"], cfg["sleep_passes"]
         for h in ckpt["history"]:
             rows.append(dict(t=t, N=n, seed=cfg["seed"], max_iters=cfg["max_iters"], step=h["step"],
-                             exact=round(h["eval"][str(n)][t]["exact"], 4), minutes=round(h["elapsed"] / 60, 1),
-                             code=code))
+                             exact=round(h["eval"][str(n)][t]["exact"], 4), item=round(h["eval"][str(n)][t]["item"], 4),
+                             minutes=round(h["elapsed"] / 60, 1), code=code))
     return rows
 
 
@@ -54,15 +54,17 @@ def first_step(curve, level):
 
 
 def table(rows):
-    lines = ["| t | N | seed | steps | first step at 0.5 | first step at 0.9 | final exact | minutes |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (t, n, seed, max_iters), curve in runs_of(rows).items():
-        last_step, final, minutes = curve[-1]
+    lines = ["| t | N | seed | steps | first step at 0.5 | first step at 0.9 | final exact | per answer | minutes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    item = {(tuple(r[k] for k in RUN), r["step"]): r["item"] for r in rows}
+    for run, curve in runs_of(rows).items():
+        (t, n, seed, max_iters), (last_step, final, minutes) = run, curve[-1]
         done = "" if last_step >= max_iters else f" (at step {last_step}, still training)"
         cells = [first_step(curve, 0.5), first_step(curve, 0.9)]
         lines.append(f"| {t} | {n} | {seed} | {max_iters} | " + " | ".join("-" if c is None else str(c) for c in cells)
-                     + f" | {final:.3f}{done} | {minutes:.1f} |")
-    lines.append("\nExact accuracy (all 4 answers right) on the fixed evaluation set; '-': never reached within the "
+                     + f" | {final:.3f}{done} | {item[run, last_step]:.3f} | {minutes:.1f} |")
+    lines.append("\nExact accuracy (all 4 answers right) on the fixed evaluation set, and at the same step the share "
+                 "of single answers right (per answer; chance 0.5 and 1/16 exact); '-': never reached within the "
                  "run; minutes: training time to the last evaluation (one thread, two runs side by side).")
     return "\n".join(lines)
 
