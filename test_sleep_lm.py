@@ -2201,6 +2201,7 @@ def test_evaluate_counts_an_example_exactly_right_only_when_all_its_answers_and_
     idx, targets, difficulty = task.eval_set(16, 6)
     prediction = torch.where(targets == -1, 0, targets)
     wrong_answers = [0, 1, 10, 0, 2, 9]                  # per example: how many of its 10 answers to get wrong
+    wrong_by_answer = [0] * 10                           # per answer (first, second, ...): in how many examples
     for row, n_wrong in enumerate(wrong_answers):
         positions = torch.nonzero(targets[row] != -1).flatten().tolist()
         runs = [[p] for p in positions[:1]]              # an answer: a run of consecutive target positions
@@ -2210,16 +2211,19 @@ def test_evaluate_counts_an_example_exactly_right_only_when_all_its_answers_and_
             else:
                 runs.append([p])
         assert len(runs) == 10
+        chosen = list(range(n_wrong))                    # which answers of the example (0-9) are made wrong
         if row == 1:                                     # only the second token of a two-token answer
-            runs = [[r[1]] for r in runs if len(r) == 2]
-        for run in runs[:n_wrong]:
-            prediction[row, run[-1]] = (targets[row, run[-1]] + 1) % task.vocab_size
+            chosen = [i for i, r in enumerate(runs) if len(r) == 2][:n_wrong]
+        for i in chosen:
+            prediction[row, runs[i][-1]] = (targets[row, runs[i][-1]] + 1) % task.vocab_size
+            wrong_by_answer[i] += 1
     model = ScriptedModel(idx, prediction, task.vocab_size)
     results = train.evaluate(model, task, {16: (idx, targets, difficulty)}, batch_size=4, device="cpu",
                              sleep_passes=3)
     assert model.seen == 6 and model.sleep_passes == [3, 3], "evaluate runs the model at the N it is given"
     assert results[16]["item"] == pytest.approx(1 - sum(wrong_answers) / 60)
     assert results[16]["exact"] == pytest.approx(2 / 6)      # examples 0 and 3
+    assert results[16]["by_answer"] == pytest.approx([1 - w / 6 for w in wrong_by_answer])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2549,9 +2553,15 @@ def test_eval_only_rebuilds_the_checkpoints_model_and_evaluates_other_n(tmp_path
     cfg, overrides = parse_args([f"--out_dir={tmp_path}", "--eval_only", "--eval_sleep_passes=2,3",
                                        "--eval_examples=8",
                                        f"--device={device}"])
-    evaluated = train.train(cfg, overrides, log=lambda *a: None)
+    lines = []
+    evaluated = train.train(cfg, overrides, log=lines.append)
     assert evaluated["final"][2] == trained["final"][2]
     assert set(evaluated["final"]) == {2, 3}
+    for n in (2, 3):   # and each answer's share, in the order asked, under its N's line
+        at = [i for i, line in enumerate(lines) if line.startswith(f"eval step {trained['history'][-1]['step']} N={n} |")]
+        below = [f"  k={level}, each answer in the order asked: " + " ".join(f"{a:.3f}" for a in r["by_answer"])
+                 for level, r in evaluated["final"][n].items()]
+        assert len(at) == 1 and lines[at[0] + 1:at[0] + 1 + len(below)] == below, lines
 
 
 def test_resume_refuses_different_model_settings(tmp_path):

@@ -220,8 +220,9 @@ def step_batches(dataset, start, num_workers, pin_memory):
 def evaluate(model, task, eval_data, batch_size, device, sleep_passes):
     """Accuracy on the fixed evaluation sets eval_data = {level: (idx, targets, _)}, per level.
 
-    Returns {level: {"item": fraction of answers right, "exact": fraction of examples all right}}.
-    A multi-token answer counts as right only when all its tokens are.
+    Returns {level: {"item": fraction of answers right, "exact": fraction of examples all right,
+    "by_answer": [fraction right of each example's first answer, second, ...]}}. A multi-token answer
+    counts as right only when all its tokens are.
     """
     model.eval()
     results = {}
@@ -233,7 +234,8 @@ def evaluate(model, task, eval_data, batch_size, device, sleep_passes):
                 logits, _ = model(x, y, sleep_passes=sleep_passes)
             right.append(task.score(logits.argmax(-1).cpu(), y.cpu()))
         right = torch.cat(right)                                  # (examples, items)
-        results[level] = {"item": right.float().mean().item(), "exact": right.all(1).float().mean().item()}
+        results[level] = {"item": right.float().mean().item(), "exact": right.all(1).float().mean().item(),
+                          "by_answer": right.float().mean(0).tolist()}
     model.train()
     return results
 
@@ -339,6 +341,9 @@ def train(cfg, task_overrides, log=print, later_steps=None):
         evals = {n: evaluate(model, task, eval_data, cfg.eval_batch_size, device, n) for n in eval_passes}
         for n, res in evals.items():
             log(f"eval step {run.step} N={n} | {format_eval(task, res)}")
+            for level, r in res.items() if cfg.eval_only else ():   # e.g. Rule 110: which of the evicted states
+                log(f"  {task.level_name}={level}, each answer in the order asked: " +
+                    " ".join(f"{a:.3f}" for a in r["by_answer"]))
         return evals
 
     if cfg.eval_only:
