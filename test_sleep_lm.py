@@ -2226,6 +2226,14 @@ def test_evaluate_counts_an_example_exactly_right_only_when_all_its_answers_and_
     assert results[16]["by_answer"] == pytest.approx([1 - w / 6 for w in wrong_by_answer])
 
 
+def test_eval_only_lists_each_answer_only_where_an_example_asks_several():
+    results = {5: {"item": 0.75, "exact": 0.5, "by_answer": [0.5, 1.0, 0.75, 0.75]}}
+    four = data.make_task("rule110", states=4, width=24, t_min=5, t_max=5, levels=(5,))
+    assert train.format_by_answer(four, results) == ["  t=5, each answer in the order asked: 0.500 1.000 0.750 0.750"]
+    one = data.make_task("rule110")                      # the cpu preset: one state, one answer per example
+    assert train.format_by_answer(one, {5: {"item": 0.75, "exact": 0.75, "by_answer": [0.75]}}) == []
+
+
 # ----------------------------------------------------------------------------------------------------
 # train.py: the training step and the loop
 

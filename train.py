@@ -244,6 +244,15 @@ def format_eval(task, results):
     return " | ".join(f"{task.level_name}={level} {r[task.metric]:.3f}" for level, r in results.items())
 
 
+def format_by_answer(task, results):
+    """--eval_only's lines under an evaluation when an example asks several things (e.g. Rule 110's four
+    evicted states): each answer's share right, in the order asked."""
+    if task.items_per_example == 1:
+        return []
+    return [f"  {task.level_name}={level}, each answer in the order asked: " +
+            " ".join(f"{a:.3f}" for a in r["by_answer"]) for level, r in results.items()]
+
+
 # -----------------------------------------------------------------------------
 # One training step, and the loop.
 
@@ -341,9 +350,8 @@ def train(cfg, task_overrides, log=print, later_steps=None):
         evals = {n: evaluate(model, task, eval_data, cfg.eval_batch_size, device, n) for n in eval_passes}
         for n, res in evals.items():
             log(f"eval step {run.step} N={n} | {format_eval(task, res)}")
-            for level, r in res.items() if cfg.eval_only else ():   # e.g. Rule 110: which of the evicted states
-                log(f"  {task.level_name}={level}, each answer in the order asked: " +
-                    " ".join(f"{a:.3f}" for a in r["by_answer"]))
+            for line in format_by_answer(task, res) if cfg.eval_only else ():
+                log(line)
         return evals
 
     if cfg.eval_only:
