@@ -51,7 +51,7 @@ def read_record(path, fields=FIELDS):
         rows = list(csv.DictReader(f))
     if rows and set(rows[0]) != set(fields):
         raise ValueError(f"--record={path}: expected the columns {','.join(fields)}, got {','.join(rows[0])}")
-    return [{k: (v if k == "code" else float(v) if k in ("exact", "item", "minutes") else int(v)) if v != "" else None
+    return [{k: (v if k in ("code", "by_answer") else float(v) if k in ("exact", "item", "minutes") else int(v)) if v != "" else None
              for k, v in row.items()} for row in rows]
 
 

@@ -19,7 +19,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fig2 import load_checkpoint, record_arguments, stats, updated_record, write_table  # noqa: E402
 
-FIELDS = ["t", "N", "seed", "max_iters", "step", "exact", "item", "minutes", "code"]   # item: per answer
+# item: the share of single answers right; by_answer: each answer's share in the order asked (state 1 to 4),
+# space-separated, where the run's evaluations kept it (train.py since 300d866), else empty
+FIELDS = ["t", "N", "seed", "max_iters", "step", "exact", "item", "by_answer", "minutes", "code"]
 KEY = ["t", "N", "seed", "max_iters", "step"]
 RUN = ["t", "N", "seed", "max_iters"]
 
@@ -34,8 +36,10 @@ def collect(root, code=""):
             continue
         t, n = task["t_max"], cfg["sleep_passes"]
         for h in ckpt["history"]:
+            r = h["eval"][str(n)][t]
             rows.append(dict(t=t, N=n, seed=cfg["seed"], max_iters=cfg["max_iters"], step=h["step"],
-                             exact=round(h["eval"][str(n)][t]["exact"], 4), item=round(h["eval"][str(n)][t]["item"], 4),
+                             exact=round(r["exact"], 4), item=round(r["item"], 4),
+                             by_answer=" ".join(f"{a:.4f}" for a in r.get("by_answer", [])),
                              minutes=round(h["elapsed"] / 60, 1), code=code))
     return rows
 
@@ -120,10 +124,12 @@ def plot(rows, path):
             for c in curves:
                 ax.plot([s for s, _, _ in c], [e for _, e, _ in c], color=color, linewidth=0.7, alpha=0.45)
             steps, means = mean_curve(curves)
-            ax.plot(steps, means, color=color, linewidth=2.2, label=f"N = {n} ({len(curves)} seed"
-                    f"{'s' if len(curves) > 1 else ''})")
+            ax.plot(steps, means, color=color, linewidth=2.2, marker="o" if len(steps) == 1 else None,
+                    label=f"N = {n} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
         ax.axhline(1 / 16, color="gray", linestyle=":", linewidth=1, label="4 coin flips (1/16)")
-        ax.set(xlabel="training step (batch 64)", ylabel="exact accuracy", ylim=(-0.02, 1.02), title=f"t = {t}")
+        longest = max(max_iters for tt, _, _, max_iters in runs if tt == t)   # the whole run, however far it is
+        ax.set(xlabel="training step (batch 64)", ylabel="exact accuracy", ylim=(-0.02, 1.02), title=f"t = {t}",
+               xlim=(0, longest * 1.02))
         ax.legend(fontsize=8)
     fig.suptitle("Rule 110, paper layout (4 x 24 cells, L = 24), AG d = 64\nthin: each seed; thick: the mean over "
                  "seeds, at the steps that all of them have reached", fontsize=9)
