@@ -3804,9 +3804,9 @@ def test_fig2b_keeps_every_evaluation_of_every_run_and_redraws_the_curves_from_t
         assert [r["step"] for r in mine] == steps == [h["step"] for h in history], mine
         for what in ("exact", "item"):
             assert [r[what] for r in mine] == [round(h["eval"][str(n)][2][what], 4) for h in history]
-        assert [[float(a) for a in r["by_answer"].split()] for r in mine] == \
-            [[round(a, 4) for a in h["eval"][str(n)][2]["by_answer"]] for h in history] and len(history[0]["eval"]
-                                                                                             [str(n)][2]["by_answer"]) == 2
+        by_answer = [h["eval"][str(n)][2]["by_answer"] for h in history]     # --states=2: two answers each
+        assert all(len(b) == 2 for b in by_answer)
+        assert [[float(a) for a in r["by_answer"].split()] for r in mine] == [[round(a, 4) for a in b] for b in by_answer]
     table = (tmp_path / "b.md").read_text()
     per_run, per_n = table.split("Per N:")
     assert "(at step 2, still training)" in per_run and per_run.count("still training") == 1, table
