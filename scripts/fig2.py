@@ -51,8 +51,10 @@ def read_record(path, fields=FIELDS):
         rows = list(csv.DictReader(f))
     if rows and set(rows[0]) != set(fields):
         raise ValueError(f"--record={path}: expected the columns {','.join(fields)}, got {','.join(rows[0])}")
-    return [{k: (v if k in ("code", "by_answer") else float(v) if k in ("exact", "item", "minutes") else int(v)) if v != "" else None
-             for k, v in row.items()} for row in rows]
+    def value(k, v):
+        return None if v == "" else v if k in ("code", "by_answer") else float(v) if k in ("exact", "item", "minutes") \
+            else int(v)
+    return [{k: value(k, v) for k, v in row.items()} for row in rows]
 
 
 def merge(old, new, key=KEY):

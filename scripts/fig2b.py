@@ -90,9 +90,9 @@ def summary(rows):
             continue
         finals = [curve[-1][1] for _, curve in done]
         mean, std = stats(finals)
-        firsts = ", ".join(f"{seed}: {'-' if first_step(curve, 0.5) is None else first_step(curve, 0.5)}"
-                           for seed, curve in done)
-        reached = [sum(first_step(curve, level) is not None for _, curve in done) for level in (0.5, 0.9)]
+        half = [(seed, first_step(curve, 0.5)) for seed, curve in done]
+        firsts = ", ".join(f"{seed}: {'-' if step is None else step}" for seed, step in half)
+        reached = [sum(step is not None for _, step in half), sum(first_step(c, 0.9) is not None for _, c in done)]
         lines.append(f"| {t} | {n} | {len(done)}{note} | {reached[0]} | {reached[1]} | {firsts} | "
                      + (f"{mean:.3f} ± {std:.3f} ({min(finals):.3f}-{max(finals):.3f}) |" if len(done) > 1
                         else f"{mean:.3f} (one run) |"))
