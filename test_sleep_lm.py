@@ -3838,6 +3838,17 @@ def test_fig2b_summary_counts_finished_runs_only_and_reports_each_seeds_first_st
     assert lines["5", "3"][2:] == ["0 (+1 still training)", "", "", "", ""]
 
 
+def test_fig2b_draws_each_answers_curve_only_for_the_runs_whose_record_keeps_it():
+    sys.path.insert(0, str(HERE / "scripts"))
+    import fig2b
+    rows = [dict(t=6, N=4, seed=0, max_iters=750, step=s, exact=0.1, item=0.5, by_answer=b, minutes=1.0, code="")
+            for s, b in ((500, "0.6 0.7 0.8 0.9"), (250, "0.5 0.5 0.5 0.6"))]     # out of step order
+    rows += [dict(t=5, N=1, seed=0, max_iters=750, step=250, exact=0.1, item=0.5, by_answer="", minutes=1.0,
+                  code="")]                                                       # an older run: no by_answer
+    assert fig2b.answer_curves(rows) == {(6, 4, 0, 750): ([250, 500], [[0.5, 0.6], [0.5, 0.7], [0.5, 0.8],
+                                                                        [0.6, 0.9]])}
+
+
 def test_the_fig2b_table_in_the_docs_is_the_record_as_scripts_fig2b_draws_it():
     sys.path.insert(0, str(HERE / "scripts"))
     import fig2

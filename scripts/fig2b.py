@@ -6,7 +6,9 @@ when each run first reached 0.5 and 0.9 exact and where it ended, and one of the
 Each run is one train.py run at one t evaluated every --eval_interval steps on the same fixed evaluation set
 (see docs/results.md for the commands). The evaluations are kept in a record (a small CSV, one row per run and
 evaluation), so that the curves can be drawn from the record alone: --root merges the evaluations of every run
-under it (finished or still training) into --record, and the table and figure are drawn from all of it.
+under it (finished or still training) into --record, and the table and figure are drawn from all of it. Runs
+whose evaluations keep each answer's share (train.py since 300d866) get a second figure, OUT_by_answer.png:
+one panel per run, one line per answer in the order the states were written.
 
     python scripts/fig2b.py --record=docs/fig2b_curves.csv --out=fig2b                   # redraw the record
     python scripts/fig2b.py --root=out/fig2b --record=my_curves.csv --code=abc1234 --out=fig2b
@@ -44,12 +46,17 @@ def collect(root, code=""):
     return rows
 
 
-def runs_of(rows):
-    """{(t, N, seed, max_iters): [(step, exact, minutes)] in step order}."""
+def runs_rows(rows):
+    """{(t, N, seed, max_iters): its rows in step order}."""
     runs = {}
     for r in rows:
-        runs.setdefault(tuple(r[k] for k in RUN), []).append((r["step"], r["exact"], r["minutes"]))
-    return {k: sorted(v) for k, v in sorted(runs.items())}
+        runs.setdefault(tuple(r[k] for k in RUN), []).append(r)
+    return {k: sorted(v, key=lambda r: r["step"]) for k, v in sorted(runs.items())}
+
+
+def runs_of(rows):
+    """{(t, N, seed, max_iters): [(step, exact, minutes)] in step order}."""
+    return {k: [(r["step"], r["exact"], r["minutes"]) for r in v] for k, v in runs_rows(rows).items()}
 
 
 def first_step(curve, level):
@@ -106,6 +113,17 @@ def mean_curve(curves):
     return steps, [stats(v)[0] for v in per_step]
 
 
+def answer_curves(rows):
+    """{(t, N, seed, max_iters): (steps, [each answer's share at those steps, state 1 first])} for the runs
+    whose record keeps each answer's share (by_answer)."""
+    curves = {}
+    for run, rs in runs_rows(rows).items():
+        kept = [(r["step"], [float(a) for a in r["by_answer"].split()]) for r in rs if r.get("by_answer")]
+        if kept:
+            curves[run] = ([step for step, _ in kept], [list(a) for a in zip(*(shares for _, shares in kept))])
+    return curves
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -133,6 +151,28 @@ def plot(rows, path):
         ax.legend(fontsize=8)
     fig.suptitle("Rule 110, paper layout (4 x 24 cells, L = 24), AG d = 64\nthin: each seed; thick: the mean over "
                  "seeds, at the steps that all of them have reached", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+    plot_by_answer(plt, answer_curves(rows), path.replace(".png", "_by_answer.png"))
+
+
+def plot_by_answer(plt, curves, path):
+    """One panel per run whose record keeps each answer's share: one line per state, in the order written."""
+    if not curves:
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(max(6.5, 4.2 * len(curves)), 3.8), squeeze=False)
+    for ax, ((t, n, seed, max_iters), (steps, shares)) in zip(axes[0], curves.items()):
+        for i, share in enumerate(shares):
+            where = " (written first)" if i == 0 else " (written last)" if i == len(shares) - 1 else ""
+            ax.plot(steps, share, color=f"C{i}", linewidth=1.6, label=f"state {i + 1}{where}")
+        ax.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="a coin flip")
+        ax.set(xlabel="training step (batch 64)", ylabel="share of this answer right", ylim=(0.3, 1.02),
+               xlim=(0, max_iters * 1.02), title=f"t = {t}, N = {n}, seed {seed}")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Rule 110, paper layout: the share of each answer right\nstate i is written in window i and "
+                 "evicted before the queries", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
