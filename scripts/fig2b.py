@@ -67,13 +67,13 @@ def first_step(curve, level):
 def table(rows):
     lines = ["| t | N | seed | steps | first step at 0.5 | first step at 0.9 | final exact | per answer | minutes |",
              "|---|---|---|---|---|---|---|---|---|"]
-    item = {(tuple(r[k] for k in RUN), r["step"]): r["item"] for r in rows}
+    last = {run: rs[-1] for run, rs in runs_rows(rows).items()}
     for run, curve in runs_of(rows).items():
         (t, n, seed, max_iters), (last_step, final, minutes) = run, curve[-1]
         done = "" if last_step >= max_iters else f" (at step {last_step}, still training)"
         cells = [first_step(curve, 0.5), first_step(curve, 0.9)]
         lines.append(f"| {t} | {n} | {seed} | {max_iters} | " + " | ".join("-" if c is None else str(c) for c in cells)
-                     + f" | {final:.3f}{done} | {item[run, last_step]:.3f} | {minutes:.1f} |")
+                     + f" | {final:.3f}{done} | {last[run]['item']:.3f} | {minutes:.1f} |")
     lines.append("\nExact accuracy (all 4 answers right) on the fixed evaluation set, and at the same step the share "
                  "of single answers right (per answer; chance 0.5 and 1/16 exact); '-': never reached within the "
                  "run; minutes: training time to the last evaluation (one thread, two runs side by side).")
@@ -166,7 +166,8 @@ def plot_by_answer(plt, curves, path):
     for ax, ((t, n, seed, max_iters), (steps, shares)) in zip(axes[0], curves.items()):
         for i, share in enumerate(shares):
             where = " (written first)" if i == 0 else " (written last)" if i == len(shares) - 1 else ""
-            ax.plot(steps, share, color=f"C{i}", linewidth=1.6, label=f"state {i + 1}{where}")
+            ax.plot(steps, share, color=f"C{i}", linewidth=1.6, marker="o" if len(steps) == 1 else None,
+                    label=f"state {i + 1}{where}")
         ax.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="a coin flip")
         ax.set(xlabel="training step (batch 64)", ylabel="share of this answer right", ylim=(0.3, 1.02),
                xlim=(0, max_iters * 1.02), title=f"t = {t}, N = {n}, seed {seed}")
