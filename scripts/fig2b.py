@@ -149,12 +149,8 @@ def plot(rows, path):
         ax.set(xlabel="training step (batch 64)", ylabel="exact accuracy", ylim=(-0.02, 1.02), title=f"t = {t}",
                xlim=(0, longest * 1.02))
         ax.legend(fontsize=8)
-    fig.suptitle("Rule 110, paper layout (4 x 24 cells, L = 24), AG d = 64\nthin: each seed; thick: the mean over "
-                 "seeds, at the steps that all of them have reached", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save(plt, fig, "Rule 110, paper layout (4 x 24 cells, L = 24), AG d = 64\nthin: each seed; thick: the mean over "
+         "seeds, at the steps that all of them have reached", path)
     plot_by_answer(plt, answer_curves(rows), path.replace(".png", "_by_answer.png"))
 
 
@@ -172,8 +168,12 @@ def plot_by_answer(plt, curves, path):
         ax.set(xlabel="training step (batch 64)", ylabel="share of this answer right", ylim=(0.3, 1.02),
                xlim=(0, max_iters * 1.02), title=f"t = {t}, N = {n}, seed {seed}")
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("Rule 110, paper layout: the share of each answer right\nstate i is written in window i and "
-                 "evicted before the queries", fontsize=9)
+    save(plt, fig, "Rule 110, paper layout: the share of each answer right\nstate i is written in window i and "
+         "evicted before the queries", path)
+
+
+def save(plt, fig, title, path):
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
