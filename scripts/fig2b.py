@@ -167,7 +167,7 @@ def plot_by_answer(plt, curves, path):
         ax.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="a coin flip")
         ax.set(xlabel="training step (batch 64)", ylabel="share of this answer right", ylim=(0.3, 1.02),
                xlim=(0, max_iters * 1.02), title=f"t = {t}, N = {n}, seed {seed}")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left")
     save(plt, fig, "Rule 110, paper layout: the share of each answer right\nstate i is written in window i and "
          "evicted before the queries", path)
 
